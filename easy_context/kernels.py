@@ -1,0 +1,284 @@
+"""The block primitive every schedule is built from, and the merge that folds blocks together.
+
+Tensor layout, everywhere in this module:
+
+* ``q``: ``(B, H, Sq, D)``; ``k``, ``v``: ``(B, H_kv, Sk, D)`` with ``H % H_kv == 0`` (GQA/MQA are native: K/V are
+  never repeated by the caller, a backend that needs it repeats locally and sums the gradients back).
+* ``out``: ``(B, H, Sq, D)`` in the dtype of ``q``; ``lse``: ``(B, H, Sq)`` in float32, natural log.
+
+``causal=True`` is only defined for square blocks (``Sq == Sk``): the schedules only ever need the diagonal block
+causally masked, and this keeps every backend's alignment convention (top-left vs bottom-right) out of the question.
+
+Backends (chosen per call by :func:`select_backend`, or forced with ``EASY_CONTEXT_ATTN_BACKEND``):
+
+``torch_cpu``   ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward (any CPU, fp32/bf16/fp16).
+``torch_cuda``  ``aten._scaled_dot_product_efficient_attention`` and its backward (CUDA, any dtype).
+``flash_attn``  the ``flash_attn`` package (CUDA, fp16/bf16), when it is installed.
+``math``        plain matrix products in float32: the reference and the fallback for any other device.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "BACKENDS",
+    "block_attention",
+    "block_attention_backward",
+    "merge",
+    "select_backend",
+]
+
+BACKENDS = ("torch_cpu", "torch_cuda", "flash_attn", "math")
+_ENV_BACKEND = "EASY_CONTEXT_ATTN_BACKEND"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Backend selection
+# ----------------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _flash_attn_module():
+    try:
+        from flash_attn import flash_attn_interface  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return flash_attn_interface
+
+
+def select_backend(q: torch.Tensor, backend: Optional[str] = None) -> str:
+    """Return the backend used for ``q``: ``backend`` if given, else ``$EASY_CONTEXT_ATTN_BACKEND``, else automatic."""
+    backend = backend or os.environ.get(_ENV_BACKEND) or None
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        if backend == "flash_attn" and _flash_attn_module() is None:
+            raise ImportError(
+                "attention backend 'flash_attn' needs the flash-attn package: pip install 'easy-context[cuda]' "
+                "(CUDA only), or use backend 'torch_cuda' / 'torch_cpu'"
+            )
+        return backend
+    if q.device.type == "cpu":
+        return "torch_cpu"
+    if q.device.type == "cuda":
+        if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and _flash_attn_module() is not None:
+            return "flash_attn"
+        return "torch_cuda"
+    return "math"
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"block attention takes 4-D (B, H, S, D) tensors, got {tuple(q.shape)}, {tuple(k.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"key and value shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"causal block attention needs a square block, got {q.shape[2]} queries and {k.shape[2]} keys: "
+            "split the block into a full part and a square causal part"
+        )
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _sum_kv(dx: torch.Tensor, groups: int) -> torch.Tensor:
+    if groups == 1:
+        return dx
+    b, h, s, d = dx.shape
+    return dx.view(b, h // groups, groups, s, d).sum(2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Public primitive
+# ----------------------------------------------------------------------------------------------------------------------
+def block_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attend one block of queries to one block of keys. Returns ``(out, lse)``; no autograd graph is recorded."""
+    _check(q, k, v, causal)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    with torch.no_grad():
+        return _FORWARD[select_backend(q, backend)](q, k, v, causal, scale)
+
+
+def block_attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)`` of one block.
+
+    ``out`` and ``lse`` may be the *final* merged values of the query rows rather than this block's own: the softmax
+    probabilities are then the globally normalised ones, so the block's gradients are its exact share of the total.
+    This is what makes every schedule's backward a sum of independent block backwards.
+    """
+    _check(q, k, v, causal)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    with torch.no_grad():
+        return _BACKWARD[select_backend(q, backend)](dout, q, k, v, out.to(q.dtype), lse.float(), causal, scale)
+
+
+def merge(
+    out: Optional[torch.Tensor],
+    lse: Optional[torch.Tensor],
+    block_out: torch.Tensor,
+    block_lse: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fold a block's ``(block_out, block_lse)`` into the running ``(out, lse)``, in float32.
+
+    Uses the stable form ``out -= sigmoid(block_lse - lse) * (out - block_out)``,
+    ``lse -= logsigmoid(lse - block_lse)``. With ``out=None`` it starts a new running result. ``out`` and ``lse`` are
+    updated in place when they are float32 (so they may be views into a larger buffer) and also returned. Rows whose
+    running ``lse`` is ``-inf`` (nothing attended yet) take the block's values.
+    """
+    block_out = block_out.float()
+    block_lse = block_lse.float()
+    if out is None:
+        return block_out.clone(), block_lse.clone()
+    # Where the running result is empty the block's weight is 1; where the block is empty it is 0.
+    run_empty, block_empty = torch.isneginf(lse), torch.isneginf(block_lse)
+    weight = torch.sigmoid(block_lse - lse)
+    weight = torch.where(run_empty, 1.0, torch.where(block_empty, 0.0, weight))
+    new_lse = torch.where(run_empty | block_empty, torch.maximum(lse, block_lse), lse - F.logsigmoid(lse - block_lse))
+    out.sub_(weight.unsqueeze(-1) * (out - block_out))
+    lse.copy_(new_lse)
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# torch_cpu: PyTorch's fused CPU kernel, which returns the LSE and handles GQA natively
+# ----------------------------------------------------------------------------------------------------------------------
+def _cpu_forward(q, k, v, causal, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return out, lse
+
+
+def _cpu_backward(dout, q, k, v, out, lse, causal, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout.contiguous(), q, k, v, out, lse, 0.0, causal, scale=scale
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# torch_cuda: memory-efficient attention (all dtypes); K/V repeated locally for GQA
+# ----------------------------------------------------------------------------------------------------------------------
+def _cuda_forward(q, k, v, causal, scale):
+    groups = q.shape[1] // k.shape[1]
+    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, _repeat_kv(k, groups), _repeat_kv(v, groups), None, True, 0.0, causal, scale=scale
+    )
+    return out, lse[..., : q.shape[2]]  # the kernel pads the LSE's sequence dimension
+
+
+def _cuda_backward(dout, q, k, v, out, lse, causal, scale):
+    groups = q.shape[1] // k.shape[1]
+    seed = torch.zeros((), dtype=torch.int64, device=q.device)
+    kr, vr = _repeat_kv(k, groups), _repeat_kv(v, groups)
+    dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        dout.contiguous(), q, kr, vr, None, out, lse.contiguous(), seed, seed, 0.0, [True, True, True, False], causal,
+        scale=scale,
+    )
+    return dq, _sum_kv(dk, groups), _sum_kv(dv, groups)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# flash_attn: the flash-attn package. Its private forward/backward changed signature across 2.x releases, so
+# arguments are passed by the names each release declares.
+# ----------------------------------------------------------------------------------------------------------------------
+def _call_by_name(fn, **kwargs):
+    params = inspect.signature(fn).parameters
+    if "window_size" in params:
+        kwargs["window_size"] = (kwargs.get("window_size_left", -1), kwargs.get("window_size_right", -1))
+    return fn(**{name: value for name, value in kwargs.items() if name in params})
+
+
+def _flash_forward(q, k, v, causal, scale):
+    fa = _flash_attn_module()
+    ret = _call_by_name(
+        fa._flash_attn_forward,
+        q=q.transpose(1, 2), k=k.transpose(1, 2), v=v.transpose(1, 2), dropout_p=0.0, softmax_scale=scale,
+        causal=causal, window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None,
+        return_softmax=False,
+    )
+    out, lse = ret[0], (ret[1] if len(ret) == 4 else ret[5])
+    return out.transpose(1, 2), lse
+
+
+def _flash_backward(dout, q, k, v, out, lse, causal, scale):
+    fa = _flash_attn_module()
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    dq, dk, dv = torch.empty_like(qt), torch.empty_like(kt), torch.empty_like(vt)
+    _call_by_name(
+        fa._flash_attn_backward,
+        dout=dout.transpose(1, 2).contiguous(), q=qt, k=kt, v=vt, out=out.transpose(1, 2), softmax_lse=lse,
+        dq=dq, dk=dk, dv=dv, dropout_p=0.0, softmax_scale=scale, causal=causal, window_size_left=-1,
+        window_size_right=-1, softcap=0.0, alibi_slopes=None, deterministic=False, rng_state=None,
+    )
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# math: explicit float32 matrix products. Any device; also the readable statement of what the kernels compute.
+# ----------------------------------------------------------------------------------------------------------------------
+def _math_scores(q, k, causal, scale):
+    b, h, sq, d = q.shape
+    hk = k.shape[1]
+    qg = q.float().view(b, hk, h // hk, sq, d)
+    s = torch.einsum("bkgqd,bksd->bkgqs", qg, k.float()) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(sq, sq, dtype=torch.bool, device=q.device).triu(1), -math.inf)
+    return s
+
+
+def _math_forward(q, k, v, causal, scale):
+    b, h, sq, d = q.shape
+    s = _math_scores(q, k, causal, scale)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)  # a fully masked row attends nothing: out 0, lse -inf
+    out = torch.einsum("bkgqs,bksd->bkgqd", p, v.float())
+    return out.reshape(b, h, sq, d).to(q.dtype), lse.reshape(b, h, sq)
+
+
+def _math_backward(dout, q, k, v, out, lse, causal, scale):
+    b, h, sq, d = q.shape
+    hk = k.shape[1]
+    s = _math_scores(q, k, causal, scale)
+    p = torch.exp(s - lse.view(b, hk, h // hk, sq, 1)).nan_to_num(0.0)
+    do = dout.float().view(b, hk, h // hk, sq, d)
+    delta = (do * out.float().view(b, hk, h // hk, sq, d)).sum(-1, keepdim=True)
+    dp = torch.einsum("bkgqd,bksd->bkgqs", do, v.float())
+    ds = p * (dp - delta) * scale
+    dq = torch.einsum("bkgqs,bksd->bkgqd", ds, k.float()).reshape(b, h, sq, d)
+    dk = torch.einsum("bkgqs,bkgqd->bksd", ds, q.float().view(b, hk, h // hk, sq, d))
+    dv = torch.einsum("bkgqs,bkgqd->bksd", p, do)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+_FORWARD = {"torch_cpu": _cpu_forward, "torch_cuda": _cuda_forward, "flash_attn": _flash_forward, "math": _math_forward}
+_BACKWARD = {
+    "torch_cpu": _cpu_backward,
+    "torch_cuda": _cuda_backward,
+    "flash_attn": _flash_backward,
+    "math": _math_backward,
+}
