@@ -19,17 +19,19 @@ Backends (chosen per call by :func:`select_backend`, or forced with ``EASY_CONTE
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
 import os
-from typing import Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "BACKENDS",
+    "count_block_work",
     "block_attention",
     "block_attention_backward",
     "merge",
@@ -99,6 +101,35 @@ def _sum_kv(dx: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Instrumentation: how much attention work each process does (used to measure a schedule's load balance)
+# ----------------------------------------------------------------------------------------------------------------------
+class BlockWork:
+    """Counts forward block calls and their work in query-key pairs (a causal block counts half)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.pairs = 0.0
+
+    def add(self, sq: int, sk: int, causal: bool) -> None:
+        self.calls += 1
+        self.pairs += sq * sk * (0.5 if causal else 1.0)
+
+
+_WORK_COUNTERS: List[BlockWork] = []
+
+
+@contextlib.contextmanager
+def count_block_work() -> Iterator[BlockWork]:
+    """Within the ``with`` block, count every :func:`block_attention` call of this process."""
+    counter = BlockWork()
+    _WORK_COUNTERS.append(counter)
+    try:
+        yield counter
+    finally:
+        _WORK_COUNTERS.remove(counter)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Public primitive
 # ----------------------------------------------------------------------------------------------------------------------
 def block_attention(
@@ -112,6 +143,8 @@ def block_attention(
     """Attend one block of queries to one block of keys. Returns ``(out, lse)``; no autograd graph is recorded."""
     _check(q, k, v, causal)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    for counter in _WORK_COUNTERS:
+        counter.add(q.shape[2], k.shape[2], causal)
     with torch.no_grad():
         return _FORWARD[select_backend(q, backend)](q, k, v, causal, scale)
 

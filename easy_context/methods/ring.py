@@ -1,0 +1,132 @@
+"""Ring attention, and the ring engine that zigzag and stripe attention reuse.
+
+Every rank keeps its queries and passes its K/V block to the next rank, P-1 times, so each query shard meets every
+K/V shard once. The three ring methods differ only in their *plan*: which (query rows, key rows, causal) pieces of a
+(local queries, visiting K/V block) pair must be computed, given the layout that placed the tokens. The engine
+(:class:`RingAttention`) is shared:
+
+* forward: prefetch the next K/V block while computing the current one; merge pieces into a float32 running
+  ``(out, lse)``;
+* backward: K/V circulate again together with float32 dK/dV accumulators. At step t a rank adds its share to the
+  accumulator of the block it holds and passes it on with the block; after P sends the accumulator is back at the
+  block's owner with every rank's contribution. Block gradients use the final ``(out, lse)``, so they are exact.
+
+With world size 1 the plan's single self-block is plain (causal) attention.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, List, NamedTuple
+
+import torch
+
+from ..comm import RingComm
+from ..kernels import block_attention, block_attention_backward, merge
+from ..layout import CONTIGUOUS
+from . import Method, register
+
+FULL = slice(None)
+
+
+class Piece(NamedTuple):
+    q: slice  # rows of the local queries
+    kv: slice  # rows of the visiting K/V block
+    causal: bool  # square causal block (diagonal) or full block
+
+
+# plan(rank, src, world_size, local_len, causal) -> pieces for local queries vs the K/V block that src owns
+Plan = Callable[[int, int, int, int, bool], List[Piece]]
+
+
+def contiguous_plan(rank: int, src: int, world_size: int, local_len: int, causal: bool) -> List[Piece]:
+    """Contiguous chunks: a rank sees earlier ranks' blocks fully, its own causally, later ones not at all."""
+    if not causal or src < rank:
+        return [Piece(FULL, FULL, False)]
+    if src == rank:
+        return [Piece(FULL, FULL, True)]
+    return []
+
+
+class RingAttention(torch.autograd.Function):
+    """Ring schedule over ``plan``. Inputs and outputs are this rank's ``(B, H, S_local, D)`` shards."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: Plan, causal: bool, scale: float, group, backend):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        comm = RingComm(group)
+        world, rank, local_len = comm.world_size, comm.rank, q.shape[2]
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+        k_cur, v_cur = k, v
+        for step in range(world):
+            if step + 1 < world:
+                k_next, v_next = comm.start([k_cur, v_cur])
+            for p in plan(rank, (rank - step) % world, world, local_len, causal):
+                block_out, block_lse = block_attention(
+                    q[:, :, p.q], k_cur[:, :, p.kv], v_cur[:, :, p.kv], p.causal, scale, backend
+                )
+                merge(out[:, :, p.q], lse[:, :, p.q], block_out, block_lse)
+            if step + 1 < world:
+                comm.wait()
+                k_cur, v_cur = k_next, v_next
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (plan, causal, scale, group, backend)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        plan, causal, scale, group, backend = ctx.args
+        dout = dout.contiguous()
+        kv_comm, grad_comm = RingComm(group, tag=0), RingComm(group, tag=1)
+        world, rank, local_len = kv_comm.world_size, kv_comm.rank, q.shape[2]
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        k_cur, v_cur = k, v
+        for step in range(world):
+            if step + 1 < world:
+                k_next, v_next = kv_comm.start([k_cur, v_cur])
+            dk_blk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+            dv_blk = torch.zeros_like(dk_blk)
+            for p in plan(rank, (rank - step) % world, world, local_len, causal):
+                dq_p, dk_p, dv_p = block_attention_backward(
+                    dout[:, :, p.q], q[:, :, p.q], k_cur[:, :, p.kv], v_cur[:, :, p.kv],
+                    out[:, :, p.q], lse[:, :, p.q], p.causal, scale, backend,
+                )
+                dq[:, :, p.q] += dq_p
+                dk_blk[:, :, p.kv] += dk_p
+                dv_blk[:, :, p.kv] += dv_p
+            if step > 0:  # the accumulator of this block, with the contributions of the ranks it visited before
+                grad_comm.wait()
+                dk_blk += dk_acc
+                dv_blk += dv_acc
+            if world > 1:
+                dk_acc, dv_acc = grad_comm.start([dk_blk, dv_blk])
+            if step + 1 < world:
+                kv_comm.wait()
+                k_cur, v_cur = k_next, v_next
+        if world > 1:
+            grad_comm.wait()
+            dk_blk, dv_blk = dk_acc, dv_acc
+        return dq.to(q.dtype), dk_blk.to(k.dtype), dv_blk.to(v.dtype), None, None, None, None, None
+
+
+def ring_schedule(q, k, v, *, plan: Plan, causal: bool = True, scale=None, group=None, backend=None):
+    """Run the ring engine with ``plan``; returns ``(out, lse)`` for this rank's queries."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return RingAttention.apply(q, k, v, plan, causal, scale, group, backend)
+
+
+ring_attn = functools.partial(ring_schedule, plan=contiguous_plan)
+
+register(
+    Method(
+        name="ring_attn",
+        description="ring over contiguous chunks; causal work is unbalanced (rank P-1 does P blocks, rank 0 one)",
+        layout=CONTIGUOUS,
+        attention=ring_attn,
+        communication="K/V: P-1 sends of 2·S·H_kv·D/P per rank (backward: K/V again plus float32 dK/dV P times)",
+    )
+)
