@@ -68,6 +68,9 @@ def prepare_seq_parallel_inputs(
         )
     layout = method.layout
     if layout is not None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside the group of {world_size}: pass the rank and size of the "
+                             "sequence-parallel group")
         multiple = layout.multiple(world_size)
         if pad_to_multiple_of is not None and pad_to_multiple_of % multiple:
             raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of} is not a multiple of {multiple}, which "
