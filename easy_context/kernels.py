@@ -228,6 +228,8 @@ def _cuda_backward(dout, q, k, v, out, lse, causal, scale):
     groups = q.shape[1] // k.shape[1]
     seed = torch.zeros((), dtype=torch.int64, device=q.device)
     kr, vr = _repeat_kv(k, groups), _repeat_kv(v, groups)
+    if torch.version.hip is None:  # the CUDA kernel reads the LSE with its sequence dimension padded to 32
+        lse = F.pad(lse, (0, -lse.shape[-1] % 32))
     dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
         dout.contiguous(), q, kr, vr, None, out, lse.contiguous(), seed, seed, 0.0, [True, True, True, False], causal,
         scale=scale,
