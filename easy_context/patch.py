@@ -16,7 +16,7 @@ from .comm import group_size
 from .mesh import get_sequence_parallel_group, set_sequence_parallel_group
 from .methods import Method, get_method
 
-__all__ = ["apply_seq_parallel_monkey_patch", "sp_attention_forward"]
+__all__ = ["apply_seq_parallel_monkey_patch", "sp_attention_forward", "reject_unsupported_features"]
 
 
 def _attention_interfaces():
@@ -28,6 +28,16 @@ def _attention_interfaces():
             "easy_context needs transformers>=4.51 (AttentionInterface): pip install -U transformers"
         ) from err
     return AttentionInterface, AttentionMaskInterface
+
+
+def reject_unsupported_features(name: str, dropout: float, kwargs: dict) -> None:
+    """Raise for attention features no method here implements: dropout, logit softcapping, attention sinks."""
+    if dropout:
+        raise ValueError(f"{name} does not implement attention dropout ({dropout}): set config.attention_dropout=0")
+    if kwargs.get("softcap"):
+        raise ValueError(f"{name} does not implement attention logit softcapping (softcap={kwargs['softcap']})")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError(f"{name} does not implement attention sinks (s_aux)")
 
 
 def sp_attention_forward(method: Method, module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -44,12 +54,7 @@ def sp_attention_forward(method: Method, module, query, key, value, attention_ma
             "-100 targets (prepare_seq_parallel_inputs(..., pad=True)); causal attention never lets a real token "
             "see the padding"
         )
-    if dropout:
-        raise ValueError(f"{name} does not implement attention dropout ({dropout}): set config.attention_dropout=0")
-    if kwargs.get("softcap"):
-        raise ValueError(f"{name} does not implement attention logit softcapping (softcap={kwargs['softcap']})")
-    if kwargs.get("s_aux") is not None:
-        raise ValueError(f"{name} does not implement attention sinks (s_aux)")
+    reject_unsupported_features(name, dropout, kwargs)
     if query.shape[2] != key.shape[2]:
         raise ValueError(
             f"{name} got {query.shape[2]} queries but {key.shape[2]} keys: a KV cache (generation) is not supported "
