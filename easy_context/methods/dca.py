@@ -1,0 +1,472 @@
+"""Dual Chunk Attention (DCA, "ChunkLlama"): training-free context extension.
+
+An et al. 2024, *Training-Free Long-Context Scaling of Large Language Models*. A RoPE model pretrained on sequences
+of length ``L`` has only ever seen relative positions ``0 .. L-1``. DCA keeps every relative position a query and a
+key meet below ``L``, at any sequence length, by splitting the sequence into chunks of ``s`` tokens and giving
+queries three different position schemes depending on which chunk the key lies in.
+
+Notation (the paper's): ``s`` chunk size, ``w`` local window, ``c = L`` pretraining length, so the largest position
+any query or key uses is ``c - 1``. A token at absolute position ``p`` is in chunk ``p // s`` at in-chunk offset
+``p % s``. For a query at ``i`` and a key at ``j <= i``:
+
+====================  =========================  ====================================================================
+key lies in           query position             relative distance seen by the model
+====================  =========================  ====================================================================
+the query's chunk     ``P_intra = i % s``        ``i - j``: the true distance (< s), causal
+(intra-chunk)
+the previous chunk    ``P_succ = s + i % s`` if  ``s + i % s - j % s = i - j`` (true) for the first ``w`` queries of
+(successive chunk)    ``i % s < w``, else        a chunk, so neighbouring tokens across a chunk boundary keep their
+                      ``c - 1``                  real distance; ``c - 1 - j % s`` (in ``[c - s, c - 1]``) after that
+any earlier chunk     ``P_inter = c - 1``        ``c - 1 - j % s``, in ``[c - s, c - 1]``: "far away", never beyond
+(inter-chunk)                                    what pretraining saw
+====================  =========================  ====================================================================
+
+Keys always use ``P_k = j % s`` (their position within their chunk). With ``w = c - s`` the successive scheme is
+``min(s + i % s, c - 1)``: every query of a chunk keeps true distances to the previous chunk as far as they fit.
+
+**Defaults** (:class:`DCAConfig`): ``s = 3L/4`` and ``w = L/8``. ``s = 3L/4`` is the reference implementation's chunk
+size: chunks stay well inside the pretraining length, so the inter-chunk distances ``[c - s, c - 1] = [L/4, L - 1]``
+are all positions the model was trained on and clearly "far" compared to the in-chunk ones. ``w = L/8`` keeps the true
+distance across a chunk boundary for the first ``L/8`` queries of every chunk (ChunkLlama's script uses ``L/16``);
+any ``w <= c - s`` is valid, and ``w = c - s`` gives the ``min`` form above.
+
+How it is computed here. transformers hands the attention function ``q`` and ``k`` already rotated by RoPE at their
+*true* positions (keys from the KV cache too). Rotations compose, ``R(a) R(b) = R(a + b)``, so a vector rotated at
+``p`` is moved to DCA position ``t`` by applying ``R(t - p)``; the angle ``(t - p) * inv_freq`` is computed in
+float64, and any attention scaling (YaRN) that transformers folded into ``q``/``k`` is kept. The frequencies are the
+ones the model's rotary embedding actually uses (linear/PI scaling, YaRN and Llama-3 scaling change them).
+
+The attention itself is a schedule over the package's block primitive: per query chunk, one (bottom-right causal)
+intra-chunk block, one full block against the previous chunk and one full block against all earlier chunks, merged
+with :func:`easy_context.kernels.merge`. Memory is linear in the sequence length apart from the blocks themselves.
+:class:`DualChunkAttention` is an autograd Function whose backward runs :func:`block_attention_backward` per block
+with the final merged ``(out, lse)``, so gradients are exact; the re-rotations are ordinary differentiable tensor
+operations outside it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+
+from ..kernels import block_attention, block_attention_backward, merge
+from . import Method, register
+
+__all__ = [
+    "DCAConfig",
+    "dca_plan",
+    "dual_chunk_attention",
+    "DualChunkAttention",
+    "dca_attention_forward",
+    "dca_hf_attention",
+    "replace_with_chunkllama",
+]
+
+# Query position schemes (index into the tuple of rotated query variants).
+INTRA, SUCC, INTER = 0, 1, 2
+# RoPE types whose frequencies depend on the current sequence length: cached keys would have been rotated with other
+# frequencies than the current query, and DCA never needs positions beyond the pretraining length anyway.
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Parameters and the position formulas
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DCAConfig:
+    """DCA parameters: ``pretraining_length`` (``L = c``), ``chunk_size`` (``s``), ``local_window`` (``w``)."""
+
+    pretraining_length: int
+    chunk_size: int
+    local_window: int
+
+    @classmethod
+    def create(cls, pretraining_length: int, chunk_size: Optional[int] = None,
+               local_window: Optional[int] = None) -> "DCAConfig":
+        """Fill in the defaults ``s = 3L/4`` and ``w = L/8`` (see the module docstring) and validate."""
+        if pretraining_length is None or int(pretraining_length) < 2:
+            raise ValueError(f"dca needs pretraining_length >= 2 (the model's trained context), got {pretraining_length}")
+        length = int(pretraining_length)
+        s = length * 3 // 4 if chunk_size is None else int(chunk_size)
+        w = length // 8 if local_window is None else int(local_window)
+        config = cls(length, s, w)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        c, s, w = self.pretraining_length, self.chunk_size, self.local_window
+        if not 1 <= s < c:
+            raise ValueError(f"dca chunk_size must be in [1, pretraining_length) = [1, {c}), got {s}")
+        if not 0 <= w <= c - s:
+            raise ValueError(
+                f"dca local_window must be in [0, pretraining_length - chunk_size] = [0, {c - s}] so that successive-"
+                f"chunk positions s + i stay below pretraining_length, got {w}"
+            )
+
+    # Positions, for absolute token positions ``pos`` (an integer tensor).
+    def key_positions(self, pos: torch.Tensor) -> torch.Tensor:
+        """``P_k = j % s``: a key's position within its chunk."""
+        return pos % self.chunk_size
+
+    def intra_positions(self, pos: torch.Tensor) -> torch.Tensor:
+        """``P_intra = i % s``: same chunk, so the distance to a key is the true one."""
+        return pos % self.chunk_size
+
+    def successive_positions(self, pos: torch.Tensor) -> torch.Tensor:
+        """``P_succ = s + i % s`` for ``i % s < w`` (true distance to the previous chunk), else ``c - 1``."""
+        offset = pos % self.chunk_size
+        far = torch.full_like(pos, self.pretraining_length - 1)
+        return torch.where(offset < self.local_window, self.chunk_size + offset, far)
+
+    def inter_positions(self, pos: torch.Tensor) -> torch.Tensor:
+        """``P_inter = c - 1``: every key two or more chunks back looks between ``c - s`` and ``c - 1`` away."""
+        return torch.full_like(pos, self.pretraining_length - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The schedule: which (query variant, query rows, key rows, causal) blocks make up DCA
+# ----------------------------------------------------------------------------------------------------------------------
+class Piece(NamedTuple):
+    variant: int  # INTRA, SUCC or INTER: which rotated copy of the queries
+    q: slice  # rows of the local queries
+    kv: slice  # rows of the keys (absolute positions: key j is row j)
+    causal: bool  # square causal block (diagonal) or full block
+
+
+def dca_plan(q_start: int, q_len: int, chunk_size: int) -> List[Piece]:
+    """Blocks for ``q_len`` queries at absolute positions ``q_start ..`` against keys ``0 .. q_start + q_len - 1``.
+
+    Per query chunk ``g`` (rows ``[a, b)`` of chunk ``[g s, (g+1) s)``):
+
+    * intra: keys ``[g s, b)``, causal and aligned bottom-right. Split into a full block for keys ``[g s, a)`` (only
+      when the queries start mid-chunk, as with a KV cache) and a square causal block for keys ``[a, b)``;
+    * successive: keys ``[(g-1) s, g s)``, full, when ``g >= 1``;
+    * inter: keys ``[0, (g-1) s)``, full, when ``g >= 2``.
+    """
+    s, end = chunk_size, q_start + q_len
+    pieces: List[Piece] = []
+    for g in range(q_start // s, (end - 1) // s + 1):
+        a, b = max(q_start, g * s), min(end, (g + 1) * s)
+        rows = slice(a - q_start, b - q_start)
+        if a > g * s:
+            pieces.append(Piece(INTRA, rows, slice(g * s, a), False))
+        pieces.append(Piece(INTRA, rows, slice(a, b), True))
+        if g >= 1:
+            pieces.append(Piece(SUCC, rows, slice((g - 1) * s, g * s), False))
+        if g >= 2:
+            pieces.append(Piece(INTER, rows, slice(0, (g - 1) * s), False))
+    return pieces
+
+
+class DualChunkAttention(torch.autograd.Function):
+    """Runs a :func:`dca_plan` over the three rotated query copies and the rotated keys; returns ``(out, lse)``.
+
+    Inputs are ``(B, H, Sq, D)`` queries (three position variants) and ``(B, H_kv, Skv, D)`` keys/values. Backward
+    computes each block's exact share of the gradients from the final merged ``(out, lse)``.
+    """
+
+    @staticmethod
+    def forward(ctx, q_intra, q_succ, q_inter, k, v, plan: List[Piece], scale: float, backend):
+        qs = (q_intra, q_succ, q_inter)
+        out = torch.zeros(q_intra.shape, dtype=torch.float32, device=q_intra.device)
+        lse = torch.full(q_intra.shape[:3], float("-inf"), dtype=torch.float32, device=q_intra.device)
+        for p in plan:
+            block_out, block_lse = block_attention(
+                qs[p.variant][:, :, p.q], k[:, :, p.kv], v[:, :, p.kv], p.causal, scale, backend
+            )
+            merge(out[:, :, p.q], lse[:, :, p.q], block_out, block_lse)
+        out = out.to(q_intra.dtype)
+        ctx.save_for_backward(q_intra, q_succ, q_inter, k, v, out, lse)
+        ctx.args = (plan, scale, backend)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q_intra, q_succ, q_inter, k, v, out, lse = ctx.saved_tensors
+        plan, scale, backend = ctx.args
+        qs = (q_intra, q_succ, q_inter)
+        dout = dout.contiguous()
+        dqs = [torch.zeros(q.shape, dtype=torch.float32, device=q.device) for q in qs]
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros_like(dk)
+        for p in plan:
+            dq_p, dk_p, dv_p = block_attention_backward(
+                dout[:, :, p.q], qs[p.variant][:, :, p.q], k[:, :, p.kv], v[:, :, p.kv],
+                out[:, :, p.q], lse[:, :, p.q], p.causal, scale, backend,
+            )
+            dqs[p.variant][:, :, p.q] += dq_p
+            dk[:, :, p.kv] += dk_p
+            dv[:, :, p.kv] += dv_p
+        return (*(dq.to(q.dtype) for dq, q in zip(dqs, qs)), dk.to(k.dtype), dv.to(v.dtype), None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Re-rotation: move vectors rotated at their true positions to DCA positions
+# ----------------------------------------------------------------------------------------------------------------------
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Apply the RoPE rotation ``R(delta)`` to ``x`` ``(B, H, S, D)``, ``delta`` ``(S,)`` position shifts.
+
+    Uses transformers' "rotate_half" pairing (dimension ``d`` with ``d + D_rot/2``), as Llama, Mistral and Qwen2 do.
+    When the rotary dimension ``2 * len(inv_freq)`` is smaller than ``D`` (partial rotary), only the leading part is
+    rotated. The angles are computed in float64 (exact for any realistic shift), then cast to ``x``'s dtype.
+    """
+    rot_dim = 2 * inv_freq.shape[-1]
+    if rot_dim > x.shape[-1]:
+        raise ValueError(f"rotary dimension {rot_dim} exceeds head dimension {x.shape[-1]}")
+    wide = torch.float32 if x.device.type == "mps" else torch.float64
+    angles = delta.to(x.device, wide)[:, None] * inv_freq.to(x.device, wide)[None, :]
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    if rot_dim == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    head, tail = x[..., :rot_dim], x[..., rot_dim:]
+    return torch.cat((head * cos + _rotate_half(head) * sin, tail), dim=-1)
+
+
+def dual_chunk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    inv_freq: torch.Tensor,
+    config: DCAConfig,
+    *,
+    scale: Optional[float] = None,
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Causal Dual Chunk Attention. Returns ``(out (B, H, Sq, D), lse (B, H, Sq) float32)``; differentiable.
+
+    ``k``/``v`` are ``(B, H_kv, Skv, D)`` for the tokens at positions ``0 .. Skv-1``, ``q`` ``(B, H, Sq, D)`` for the
+    last ``Sq`` of them (``Sq == Skv`` in a plain forward, ``Sq < Skv`` with a KV cache). ``q`` and ``k`` are rotated
+    by RoPE (frequencies ``inv_freq``) at those true positions, as transformers' attention functions receive them.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"dual_chunk_attention takes 4-D (B, H, S, D) tensors, got {tuple(q.shape)}, {tuple(k.shape)}")
+    q_len, kv_len = q.shape[2], k.shape[2]
+    if q_len > kv_len:
+        raise ValueError(f"dual_chunk_attention got {q_len} queries but only {kv_len} keys")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q_start = kv_len - q_len
+    device = q.device
+    q_pos = torch.arange(q_start, kv_len, device=device)
+    k_pos = torch.arange(kv_len, device=device)
+    # Shifts t - p from the true position p to each DCA position t (see the table in the module docstring).
+    q_intra = rotate(q, config.intra_positions(q_pos) - q_pos, inv_freq)
+    q_succ = rotate(q, config.successive_positions(q_pos) - q_pos, inv_freq)
+    q_inter = rotate(q, config.inter_positions(q_pos) - q_pos, inv_freq)
+    k_dca = rotate(k, config.key_positions(k_pos) - k_pos, inv_freq)
+    plan = dca_plan(q_start, q_len, config.chunk_size)
+    return DualChunkAttention.apply(q_intra, q_succ, q_inter, k_dca, v.contiguous(), plan, scale, backend)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# transformers integration
+# ----------------------------------------------------------------------------------------------------------------------
+class _ModelState(NamedTuple):
+    config: DCAConfig
+    rotary: "weakref.ref[torch.nn.Module]"  # the model's rotary embedding (its inv_freq is read at every call)
+
+
+# Every submodule of a patched model -> that model's DCA state. Keyed per model, so patching several models (each
+# with its own options and rotary embedding) keeps each one right although transformers holds one function per name.
+_MODEL_STATES: "weakref.WeakKeyDictionary[torch.nn.Module, _ModelState]" = weakref.WeakKeyDictionary()
+# Family-name patches: rotary embeddings rebuilt from a config, cached by the config object's id.
+_CONFIG_ROTARY: dict = {}
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _rope_type(config) -> str:
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict):
+        return str(params.get("rope_type", params.get("type", "default")))
+    scaling = getattr(config, "rope_scaling", None)  # transformers 4.x
+    if isinstance(scaling, dict):
+        return str(scaling.get("rope_type", scaling.get("type", "default")))
+    return "default"
+
+
+def _check_rope_type(rope_type: str) -> None:
+    if rope_type in _LENGTH_DEPENDENT_ROPE:
+        raise ValueError(
+            f"dca does not support rope_type {rope_type!r}: its frequencies change with the sequence length, so keys "
+            "in the KV cache were rotated with other frequencies than the queries, and DCA already keeps every "
+            "relative position below pretraining_length. Use the model's base RoPE (rope_type 'default'), or a "
+            "static scaling ('linear', 'yarn', 'llama3')"
+        )
+
+
+def _default_pretraining_length(config) -> int:
+    config = _text_config(config)
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    original = params.get("original_max_position_embeddings") if isinstance(params, dict) else None
+    length = original or getattr(config, "max_position_embeddings", None)
+    if not length:
+        raise ValueError("dca needs pretraining_length=<the model's trained context length>")
+    return int(length)
+
+
+def _find_rotary(model) -> torch.nn.Module:
+    found = [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+    if len(found) != 1:
+        raise ValueError(
+            f"dca needs exactly one rotary embedding module (with an inv_freq buffer) in the model, found {len(found)}: "
+            "it supports RoPE decoder models with one rotary embedding, such as Llama, Mistral and Qwen2"
+        )
+    return found[0]
+
+
+def _rotary_from_config(module) -> torch.nn.Module:
+    """Rebuild the rotary embedding of the model that ``module`` (an attention layer) belongs to, from its config."""
+    config = module.config
+    key = id(config)
+    cached = _CONFIG_ROTARY.get(key)
+    if cached is not None and cached[0]() is config:
+        return cached[1]
+    _check_rope_type(_rope_type(config))
+    import importlib
+
+    modeling = importlib.import_module(type(module).__module__)
+    classes = [obj for name, obj in vars(modeling).items()
+               if name.endswith("RotaryEmbedding") and isinstance(obj, type) and issubclass(obj, torch.nn.Module)]
+    if len(classes) != 1:
+        raise ValueError(
+            f"dca patched by family name cannot find the rotary embedding of {type(module).__name__}: pass the model "
+            "instance to apply_seq_parallel_monkey_patch('dca', model, ...)"
+        )
+    rotary = classes[0](config)
+    _CONFIG_ROTARY[key] = (weakref.ref(config), rotary)
+    return rotary
+
+
+def dca_attention_forward(options, module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                          **kwargs):
+    """transformers ``AttentionInterface`` function for DCA; returns ``((B, S, H, D), None)``."""
+    state = _MODEL_STATES.get(module)
+    if state is not None:
+        config, rotary = state.config, state.rotary()
+    else:  # a family-name patch: derive what is needed from the module's config
+        length = options.get("pretraining_length") or _default_pretraining_length(module.config)
+        config = DCAConfig.create(length, options.get("chunk_size"), options.get("local_window"))
+        rotary = _rotary_from_config(module)
+    if attention_mask is not None:
+        raise ValueError(
+            "dca cannot apply an explicit attention mask (padding, packed sequences or a custom 4-D mask): it always "
+            "computes causal attention over one unpadded sequence per batch row. Drop the mask, or pad at the end"
+        )
+    if dropout:
+        raise ValueError(f"dca does not implement attention dropout ({dropout}): set config.attention_dropout=0")
+    if kwargs.get("softcap"):
+        raise ValueError(f"dca does not implement attention logit softcapping (softcap={kwargs['softcap']})")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError("dca does not implement attention sinks (s_aux)")
+    if not getattr(module, "is_causal", True):
+        raise ValueError("dca is defined for causal (decoder) attention only")
+    q_len, kv_len = query.shape[2], key.shape[2]
+    window = kwargs.get("sliding_window")
+    if window is not None and window < kv_len:
+        raise ValueError(
+            f"dca computes full causal attention but this layer uses a sliding window of {window} tokens, shorter "
+            f"than the {kv_len} keys: set config.sliding_window=None (and use_sliding_window=False for Qwen2)"
+        )
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None:
+        expected = torch.arange(kv_len - q_len, kv_len, device=position_ids.device)
+        if position_ids.shape[-1] != q_len or not bool((position_ids == expected).all()):
+            raise ValueError(
+                "dca needs the queries to be the last tokens of one contiguous sequence whose keys are all present "
+                f"(positions {kv_len - q_len}..{kv_len - 1}), got other position_ids. Not supported: sequence-parallel "
+                "shards (dca does not compose with ring/zigzag/Ulysses methods), packed sequences, left padding, and "
+                "static or sliding-window KV caches (use the default DynamicCache)"
+            )
+    if rotary is None:
+        raise RuntimeError("the model patched with dca has been deleted")
+    inv_freq = rotary.inv_freq
+    out, _ = dual_chunk_attention(query, key, value, inv_freq, config, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _dca_mask(*args, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+    """Mask function: DCA knows causality itself, so no ``S x S`` mask is built; padding masks are refused."""
+    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+        raise ValueError(
+            "dca cannot honour a padding attention_mask with zeros: run one unpadded sequence per batch row (or pad "
+            "at the end and ignore those positions)"
+        )
+    return None
+
+
+def dca_hf_attention(model=None, *, pretraining_length: Optional[int] = None, chunk_size: Optional[int] = None,
+                     local_window: Optional[int] = None):
+    """``Method.hf_attention`` factory: ``(attention_fn, mask_fn)`` for transformers.
+
+    With a model instance, the options are resolved now (``pretraining_length`` defaults to the config's
+    ``original_max_position_embeddings`` or ``max_position_embeddings``) and bound to that model's modules and rotary
+    embedding. With ``None`` (a family-name patch) they are resolved per call from each attention module's config.
+    """
+    options = {"pretraining_length": pretraining_length, "chunk_size": chunk_size, "local_window": local_window}
+    if model is not None:
+        length = pretraining_length or _default_pretraining_length(model.config)
+        config = DCAConfig.create(length, chunk_size, local_window)
+        rotary = _find_rotary(model)
+        _check_rope_type(str(getattr(rotary, "rope_type", _rope_type(_text_config(model.config)))))
+        state = _ModelState(config, weakref.ref(rotary))
+        for module in model.modules():
+            _MODEL_STATES[module] = state
+    elif pretraining_length is not None:
+        DCAConfig.create(pretraining_length, chunk_size, local_window)  # validate now, not at the first forward
+
+    def attention_fn(module, query, key, value, attention_mask, *args, **kwargs):
+        return dca_attention_forward(options, module, query, key, value, attention_mask, *args, **kwargs)
+
+    return attention_fn, _dca_mask
+
+
+def _check(*, num_heads: int, num_kv_heads: int, world_size: int) -> None:
+    if world_size > 1:
+        raise ValueError(
+            f"dca runs on one device and does not compose with sequence parallelism (world size {world_size}): use a "
+            "ring method for training at long context, or run dca with a sequence-parallel group of size 1"
+        )
+
+
+register(
+    Method(
+        name="dca",
+        description="Dual Chunk Attention (ChunkLlama): training-free context extension beyond the pretraining length",
+        hf_attention=dca_hf_attention,
+        causal_only=True,
+        check=_check,
+        communication="none (single device)",
+        options={"pretraining_length": None, "chunk_size": "3/4 pretraining_length",
+                 "local_window": "1/8 pretraining_length"},
+    ),
+    "chunkllama",
+    "dual_chunk_attn",
+)
+
+
+def replace_with_chunkllama(pretraining_length: int = 4096, local_window_size: Optional[int] = None, *,
+                            model="llama", chunk_size: Optional[int] = None) -> Optional[str]:
+    """ChunkLlama's entry point: switch ``model`` to Dual Chunk Attention. Returns the attention implementation name.
+
+    ``model`` is a model instance (switched at once; recommended) or a family name such as ``"llama"``,
+    ``"mistral"`` or ``"qwen2"`` (then create models with ``attn_implementation="dca"``). ``local_window_size`` is
+    the local window ``w`` (default ``pretraining_length // 8``) and ``chunk_size`` the chunk size ``s`` (default
+    ``3 * pretraining_length // 4``). Positions follow the paper's formulas (see :mod:`easy_context.methods.dca`).
+    """
+    from ..patch import apply_seq_parallel_monkey_patch
+
+    return apply_seq_parallel_monkey_patch(
+        "dca", model, pretraining_length=pretraining_length, chunk_size=chunk_size, local_window=local_window_size
+    )

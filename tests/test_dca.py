@@ -1,0 +1,462 @@
+"""Dual Chunk Attention: against standard attention, an independent brute-force reference, KV-cached decoding and the
+real SmolLM2-135M model on Jane Austen.
+
+The brute-force reference writes down the paper's relative-position matrix ``d[i, j]`` directly and computes every
+score from the *unrotated* queries and keys as ``Re(sum_f zq_f conj(zk_f) exp(i d θ_f))`` (the complex form of RoPE)
+followed by one softmax over all keys, in float64. The implementation under test instead re-rotates vectors that
+are already rotated at their true positions, splits the keys into three block schedules and merges them through the
+float32 LSE merge: the two share nothing but the position formulas of the paper.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import FP32_TOL, reference_attention, rel_err
+
+from easy_context import apply_seq_parallel_monkey_patch, chunked_cross_entropy_sum, get_method
+from easy_context.methods.dca import DCAConfig, dca_plan, dual_chunk_attention, replace_with_chunkllama
+
+DECODE_TOL = 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The specification: the paper's relative positions, and attention computed from them in one softmax
+# ----------------------------------------------------------------------------------------------------------------------
+def dca_distance(i: int, j: int, s: int, w: int, c: int) -> int:
+    """Relative position the model sees between query ``i`` and key ``j <= i`` (An et al. 2024, section 3)."""
+    key = j % s
+    if i // s == j // s:  # intra-chunk: query at i % s
+        query = i % s
+    elif i // s == j // s + 1:  # successive chunk: s + i % s inside the local window, else c - 1
+        query = s + i % s if i % s < w else c - 1
+    else:  # inter-chunk: c - 1
+        query = c - 1
+    return query - key
+
+
+def distance_matrix(q_start: int, kv_len: int, s: int, w: int, c: int) -> torch.Tensor:
+    rows = []
+    for i in range(q_start, kv_len):
+        rows.append([dca_distance(i, j, s, w, c) if j <= i else 0 for j in range(kv_len)])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def bruteforce_dca(q_raw, k_raw, v, inv_freq, s, w, c, scale=None):
+    """Float64 DCA from unrotated ``q_raw`` (B, H, Sq, D) and ``k_raw``/``v`` (B, Hkv, Skv, D). Returns (out, lse)."""
+    b, h, sq, d = q_raw.shape
+    kv_len = k_raw.shape[2]
+    groups = h // k_raw.shape[1]
+    k_raw = k_raw.double().repeat_interleave(groups, 1)
+    v = v.double().repeat_interleave(groups, 1)
+    half = inv_freq.shape[0]
+    zq = torch.complex(q_raw.double()[..., :half], q_raw.double()[..., half:])  # (B, H, Sq, F)
+    zk = torch.complex(k_raw[..., :half], k_raw[..., half:])
+    dist = distance_matrix(kv_len - sq, kv_len, s, w, c)  # (Sq, Skv)
+    phase = torch.polar(torch.ones((), dtype=torch.float64), dist[..., None] * inv_freq.double())  # (Sq, Skv, F)
+    scores = torch.einsum("bhqf,bhkf,qkf->bhqk", zq, zk.conj(), phase).real
+    scores = scores * (d**-0.5 if scale is None else scale)
+    causal = torch.arange(kv_len)[None, :] > torch.arange(kv_len - sq, kv_len)[:, None]
+    scores = scores.masked_fill(causal, -math.inf)
+    lse = torch.logsumexp(scores, -1)
+    return torch.softmax(scores, -1) @ v, lse
+
+
+def rope64(x, positions, inv_freq):
+    """RoPE at ``positions`` computed in float64, returned in ``x``'s dtype (differentiable)."""
+    ang = positions.double()[:, None] * inv_freq.double()[None, :]
+    cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()
+    xd = x.double()
+    half = x.shape[-1] // 2
+    rot = torch.cat((-xd[..., half:], xd[..., :half]), -1)
+    return (xd * cos + rot * sin).to(x.dtype)
+
+
+def inv_freq_for(dim, theta=10000.0):
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Parameters and positions
+# ----------------------------------------------------------------------------------------------------------------------
+def test_defaults_follow_the_reference():
+    cfg = DCAConfig.create(8192)
+    assert (cfg.pretraining_length, cfg.chunk_size, cfg.local_window) == (8192, 6144, 1024)
+
+
+def test_distance_spec_small_example():
+    # s=4, w=2, c=7: chunks [0..3], [4..7], [8..11]
+    assert dca_distance(5, 4, 4, 2, 7) == 1  # same chunk: true distance
+    assert dca_distance(4, 3, 4, 2, 7) == 1  # previous chunk, inside the local window: true distance
+    assert dca_distance(5, 1, 4, 2, 7) == 4  # previous chunk, inside the window: 4 + 1 - 1, true
+    assert dca_distance(6, 3, 4, 2, 7) == 3  # previous chunk, past the window: c - 1 - 3
+    assert dca_distance(11, 0, 4, 2, 7) == 6  # two chunks back: c - 1 - 0
+    assert max(dca_distance(i, j, 4, 2, 7) for i in range(40) for j in range(i + 1)) == 6  # never beyond c - 1
+
+
+def test_positions_match_spec():
+    cfg = DCAConfig.create(32, chunk_size=10, local_window=5)
+    pos = torch.arange(60)
+    for i in range(60):
+        for j in range(i + 1):
+            if i // 10 == j // 10:
+                qp = cfg.intra_positions(pos)[i]
+            elif i // 10 == j // 10 + 1:
+                qp = cfg.successive_positions(pos)[i]
+            else:
+                qp = cfg.inter_positions(pos)[i]
+            assert int(qp - cfg.key_positions(pos)[j]) == dca_distance(i, j, 10, 5, 32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(pretraining_length=64, chunk_size=64), "chunk_size"),
+        (dict(pretraining_length=64, chunk_size=0), "chunk_size"),
+        (dict(pretraining_length=64, chunk_size=48, local_window=17), "local_window"),
+        (dict(pretraining_length=1), "pretraining_length"),
+    ],
+)
+def test_invalid_parameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DCAConfig.create(**kwargs)
+
+
+def test_plan_covers_every_causal_pair_once():
+    for q_start, q_len, s in [(0, 100, 16), (37, 1, 16), (30, 45, 16), (0, 7, 16), (16, 16, 16)]:
+        cover = torch.zeros(q_len, q_start + q_len, dtype=torch.int64)
+        for p in dca_plan(q_start, q_len, s):
+            block = torch.ones(p.q.stop - p.q.start, p.kv.stop - p.kv.start, dtype=torch.int64)
+            if p.causal:
+                assert block.shape[0] == block.shape[1]
+                block = block.tril()
+            cover[p.q, p.kv] += block
+        want = (torch.arange(q_start + q_len)[None, :] <= torch.arange(q_start, q_start + q_len)[:, None]).long()
+        assert torch.equal(cover, want)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Attention level: standard attention for short sequences, the brute-force reference beyond
+# ----------------------------------------------------------------------------------------------------------------------
+def _inputs(seed, heads=4, kv_heads=2, q_len=64, kv_len=64, dim=16, theta=10000.0):
+    g = torch.Generator().manual_seed(seed)
+    q_raw = torch.randn(1, heads, q_len, dim, generator=g, requires_grad=True)
+    k_raw = torch.randn(1, kv_heads, kv_len, dim, generator=g, requires_grad=True)
+    v = torch.randn(1, kv_heads, kv_len, dim, generator=g, requires_grad=True)
+    dout = torch.randn(1, heads, q_len, dim, generator=g)
+    return q_raw, k_raw, v, dout, inv_freq_for(dim, theta)
+
+
+@pytest.mark.parametrize("seq_len, chunk", [(48, 48), (30, 48), (2, 48)])
+def test_short_sequence_equals_causal_attention(seq_len, chunk):
+    q_raw, k_raw, v, dout, inv_freq = _inputs(0, q_len=seq_len, kv_len=seq_len)
+    pos = torch.arange(seq_len)
+    q, k = rope64(q_raw, pos, inv_freq), rope64(k_raw, pos, inv_freq)
+    out, lse = dual_chunk_attention(q, k, v, inv_freq, DCAConfig.create(64, chunk_size=chunk))
+    ref_out, ref_lse = reference_attention(q, k, v, causal=True)
+    assert rel_err(out, ref_out) <= FP32_TOL
+    assert (lse.double() - ref_lse).abs().max().item() <= FP32_TOL
+    grads = torch.autograd.grad(out, (q_raw, k_raw, v), dout, retain_graph=True)
+    ref_grads = torch.autograd.grad(ref_out, (q_raw, k_raw, v), dout.double())
+    for name, a, b in zip("qkv", grads, ref_grads):
+        assert rel_err(a, b) <= FP32_TOL, name
+
+
+@pytest.mark.parametrize(
+    "kv_len, q_len, s, w, c",
+    [
+        (64, 64, 16, 4, 24),  # 4 whole chunks
+        (100, 100, 24, 8, 32),  # ragged last chunk
+        (130, 130, 32, 0, 40),  # no local window
+        (96, 96, 16, 16, 32),  # w = c - s: the min(s + i % s, c - 1) form
+        (200, 200, 48, 8, 64),  # the defaults for L = 64
+        (150, 1, 16, 4, 24),  # one decoding query
+        (150, 37, 16, 4, 24),  # a chunk of queries starting mid-chunk (chunked prefill with a cache)
+    ],
+)
+def test_matches_bruteforce_reference(kv_len, q_len, s, w, c):
+    q_raw, k_raw, v, dout, inv_freq = _inputs(kv_len + q_len, q_len=q_len, kv_len=kv_len)
+    q = rope64(q_raw, torch.arange(kv_len - q_len, kv_len), inv_freq)
+    k = rope64(k_raw, torch.arange(kv_len), inv_freq)
+    out, lse = dual_chunk_attention(q, k, v, inv_freq, DCAConfig(c, s, w))
+    ref_out, ref_lse = bruteforce_dca(q_raw, k_raw, v, inv_freq, s, w, c)
+    assert rel_err(out, ref_out) <= FP32_TOL
+    assert (lse.double() - ref_lse).abs().max().item() <= FP32_TOL
+    grads = torch.autograd.grad(out, (q_raw, k_raw, v), dout)
+    ref_grads = torch.autograd.grad(ref_out, (q_raw, k_raw, v), dout.double())
+    for name, a, b in zip("qkv", grads, ref_grads):
+        assert rel_err(a, b) <= FP32_TOL, name
+    # and it really differs from plain causal attention once the sequence is longer than a chunk
+    plain, _ = reference_attention(q, k, v, causal=True) if q_len == kv_len else (None, None)
+    if plain is not None:
+        assert rel_err(out, plain) > 1e-3
+
+
+def test_math_backend_agrees():
+    q_raw, k_raw, v, _, inv_freq = _inputs(3, q_len=90, kv_len=90)
+    pos = torch.arange(90)
+    q, k = rope64(q_raw, pos, inv_freq).detach(), rope64(k_raw, pos, inv_freq).detach()
+    cfg = DCAConfig(40, 20, 6)
+    a, _ = dual_chunk_attention(q, k, v.detach(), inv_freq, cfg)
+    b, _ = dual_chunk_attention(q, k, v.detach(), inv_freq, cfg, backend="math")
+    assert rel_err(a, b) <= FP32_TOL
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# transformers models: Llama, Mistral, Qwen2 (tiny configs), rope scaling, KV cache, generate
+# ----------------------------------------------------------------------------------------------------------------------
+L_TINY = 64  # pretraining length of the tiny models: s = 48, w = 8
+
+
+def tiny_model(family="llama", rope_parameters=None, seed=0, **extra):
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config
+    from transformers import Qwen2ForCausalLM
+
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+               "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    config_cls, model_cls = classes[family]
+    kwargs = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=L_TINY, attn_implementation="sdpa")
+    if family == "mistral":
+        kwargs["sliding_window"] = None
+    if rope_parameters is not None:
+        kwargs["rope_parameters"] = rope_parameters
+    kwargs.update(extra)
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**kwargs)).eval()
+
+
+def _register_reference_attention(model, s, w, c):
+    """An attention implementation computing DCA by brute force (float64) from the model's own rotated q/k."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    rotary = model.model.rotary_emb
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        kv_len, q_len = key.shape[2], query.shape[2]
+        inv = rotary.inv_freq
+        q_raw = rope64(query.double(), -torch.arange(kv_len - q_len, kv_len), inv)  # undo the true-position rotation
+        k_raw = rope64(key.double(), -torch.arange(kv_len), inv)
+        out, _ = bruteforce_dca(q_raw, k_raw, value, inv, s, w, c, scale=scaling)
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("dca_bruteforce", attention)
+    AttentionMaskInterface.register("dca_bruteforce", lambda *a, **k: None)
+    return "dca_bruteforce"
+
+
+FAMILIES = ["llama", "mistral", "qwen2"]
+ROPES = {
+    "default": None,
+    "theta": {"rope_type": "default", "rope_theta": 500.0},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "original_max_position_embeddings": L_TINY},
+    "llama3": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": L_TINY},
+}
+
+
+def _ids(n, seed=1):
+    return torch.randint(1, 128, (1, n), generator=torch.Generator().manual_seed(seed))  # 0 is the pad token
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_model_short_sequence_equals_plain(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(ids).logits
+        apply_seq_parallel_monkey_patch("dca", model, pretraining_length=L_TINY)
+        dca = model(ids).logits
+    assert rel_err(dca, plain) <= FP32_TOL
+
+
+def _check_model_against_bruteforce(model, n=150):
+    cfg = DCAConfig.create(L_TINY)
+    ids = _ids(n)
+    ref_name = _register_reference_attention(model, cfg.chunk_size, cfg.local_window, cfg.pretraining_length)
+    model.set_attn_implementation(ref_name)
+    ref_logits = model(ids).logits
+    ref_loss = F.cross_entropy(ref_logits[0, :-1], ids[0, 1:])
+    ref_grads = torch.autograd.grad(ref_loss, list(model.parameters()))
+    apply_seq_parallel_monkey_patch("dca", model, pretraining_length=L_TINY)
+    logits = model(ids).logits
+    loss = F.cross_entropy(logits[0, :-1], ids[0, 1:])
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert rel_err(logits, ref_logits) <= DECODE_TOL
+    worst = max(rel_err(a, b) for a, b in zip(grads, ref_grads))
+    assert worst <= DECODE_TOL
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, ref_logits) > 1e-3  # DCA is not plain attention at this length
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_model_matches_bruteforce_forward_and_backward(family):
+    _check_model_against_bruteforce(tiny_model(family))
+
+
+@pytest.mark.parametrize("rope", ["theta", "linear", "yarn", "llama3"])
+def test_rope_scaling_matches_bruteforce(rope):
+    model = tiny_model("llama", ROPES[rope])
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(ids).logits
+        apply_seq_parallel_monkey_patch("dca", model, pretraining_length=L_TINY)
+        assert rel_err(model(ids).logits, plain) <= FP32_TOL
+    _check_model_against_bruteforce(model)
+
+
+def _decode_errors(model, ids, prefill, step_sizes):
+    """Max |logit difference| between incremental decoding (prefill, then steps of the given sizes) and one pass."""
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = DynamicCache(config=model.config)
+        out = model(ids[:, :prefill], past_key_values=cache, use_cache=True)
+        errs = [(out.logits - full[:, :prefill]).abs().max().item()]
+        pos, sizes = prefill, iter(step_sizes)
+        while pos < ids.shape[1]:
+            n = min(next(sizes, 1), ids.shape[1] - pos)
+            out = model(ids[:, pos : pos + n], past_key_values=cache, use_cache=True)
+            errs.append((out.logits - full[:, pos : pos + n]).abs().max().item())
+            pos += n
+    return errs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_cache_decode_equals_prefill(family):
+    model = tiny_model(family)
+    apply_seq_parallel_monkey_patch("dca", model, pretraining_length=L_TINY)
+    ids = _ids(220, seed=2)
+    # 1 token at a time across two chunk boundaries (48, 96), then chunks of 13 and 30 tokens
+    errs = _decode_errors(model, ids, 20, [1] * 90 + [13, 30, 13, 30, 13, 30])
+    assert len(errs) > 90
+    assert max(errs) <= DECODE_TOL
+
+
+@pytest.mark.parametrize("rope", ["linear", "yarn"])
+def test_kv_cache_decode_with_rope_scaling(rope):
+    model = tiny_model("llama", ROPES[rope])
+    apply_seq_parallel_monkey_patch("dca", model, pretraining_length=L_TINY)
+    assert max(_decode_errors(model, _ids(160, seed=3), 40, [1] * 30 + [17] * 10)) <= DECODE_TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_matches_full_forward(family):
+    model = tiny_model(family)
+    model.generation_config.pad_token_id = 0
+    apply_seq_parallel_monkey_patch("dca", model, pretraining_length=L_TINY)
+    prompt = _ids(130, seed=4)
+    with torch.no_grad():
+        gen = model.generate(prompt, max_new_tokens=25, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+        full = model(gen.sequences).logits[0]
+    n = prompt.shape[1]
+    for t, scores in enumerate(gen.scores):
+        assert (scores[0] - full[n - 1 + t]).abs().max().item() <= DECODE_TOL
+        assert int(gen.sequences[0, n + t]) == int(full[n - 1 + t].argmax())
+
+
+def test_family_name_patch_and_chunkllama_alias():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    instance = tiny_model("llama")
+    replace_with_chunkllama(pretraining_length=L_TINY, model=instance)
+    name = apply_seq_parallel_monkey_patch("dca", "llama", pretraining_length=L_TINY)
+    assert name == "dca"
+    config = LlamaConfig(**{**instance.config.to_dict(), "attn_implementation": "dca"})
+    torch.manual_seed(0)
+    by_family = LlamaForCausalLM(config).eval()
+    by_family.load_state_dict(instance.state_dict())
+    ids = _ids(150, seed=5)
+    with torch.no_grad():
+        a, b = instance(ids).logits, by_family(ids).logits
+    assert rel_err(a, b) <= FP32_TOL
+    # a second model patched with other options keeps its own; the first one is unaffected
+    other = tiny_model("llama", seed=0)
+    apply_seq_parallel_monkey_patch("dca", other, pretraining_length=L_TINY, chunk_size=16, local_window=4)
+    with torch.no_grad():
+        assert rel_err(instance(ids).logits, a) == 0.0
+        assert rel_err(other(ids).logits, a) > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Errors for what DCA cannot do
+# ----------------------------------------------------------------------------------------------------------------------
+def test_error_padding_mask():
+    model = tiny_model("llama")
+    apply_seq_parallel_monkey_patch("dca", model, pretraining_length=L_TINY)
+    ids = _ids(20)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with pytest.raises(ValueError, match="padding"):
+        model(ids, attention_mask=mask)
+    model(ids, attention_mask=torch.ones_like(ids))  # an all-ones mask is fine
+
+
+def test_error_sliding_window():
+    model = tiny_model("mistral", sliding_window=16)
+    apply_seq_parallel_monkey_patch("dca", model, pretraining_length=L_TINY)
+    model(_ids(16))
+    with pytest.raises(ValueError, match="sliding window"):
+        model(_ids(40))
+
+
+def test_error_sequence_parallel_shard():
+    model = tiny_model("llama")
+    apply_seq_parallel_monkey_patch("dca", model, pretraining_length=L_TINY)
+    with pytest.raises(ValueError, match="sequence-parallel"):
+        model(_ids(50), position_ids=torch.arange(50, 100)[None])
+    with pytest.raises(ValueError, match="does not compose with sequence parallelism"):
+        get_method("dca").check(num_heads=4, num_kv_heads=2, world_size=2)
+
+
+def test_error_dynamic_rope():
+    model = tiny_model("llama", {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    with pytest.raises(ValueError, match="dynamic"):
+        apply_seq_parallel_monkey_patch("dca", model, pretraining_length=L_TINY)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The real model on real text
+# ----------------------------------------------------------------------------------------------------------------------
+def _have_assets():
+    try:
+        from easy_context.assets import have_assets
+
+        return have_assets()
+    except ImportError:
+        return False
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+@pytest.mark.skipif(not _have_assets(), reason="SmolLM2-135M / Austen assets missing: run bash scripts/setup.sh")
+def test_real_model_perplexity_past_trained_length():
+    """SmolLM2-135M (trained at 8K) on Austen: DCA at 11K tokens stays within 15% of its 4K perplexity."""
+    from easy_context.assets import austen_text, load_smollm2
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    model, tokenizer = load_smollm2(torch.float32, attn_implementation="sdpa")
+    ids = tokenizer(austen_text()[:80_000], return_tensors="pt").input_ids[:, :11264]
+    assert ids.shape[1] == 11264
+
+    def ppl(window):
+        with torch.no_grad():
+            hidden = model.model(input_ids=window, use_cache=False).last_hidden_state[0, :-1]
+            total, count = chunked_cross_entropy_sum(hidden, model.lm_head.weight, window[0, 1:])
+        return math.exp(total.item() / count.item())
+
+    apply_seq_parallel_monkey_patch("dca", model, pretraining_length=8192)
+    t0 = time.perf_counter()
+    short = ppl(ids[:, :4096])  # 4K <= chunk size 6K: DCA is plain attention here
+    long = ppl(ids)
+    print(f"DCA ppl 4K {short:.3f}, 11K {long:.3f} ({time.perf_counter() - t0:.0f} s)")
+    assert long <= 1.15 * short
