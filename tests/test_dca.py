@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import FP32_TOL, reference_attention, rel_err
+from reference import BF16_TOL, FP32_TOL, reference_attention, rel_err
 
 from easy_context import apply_seq_parallel_monkey_patch, chunked_cross_entropy_sum, get_method
 from easy_context.methods.dca import DCAConfig, dca_plan, dual_chunk_attention, replace_with_chunkllama
@@ -194,6 +194,22 @@ def test_matches_bruteforce_reference(kv_len, q_len, s, w, c):
     plain, _ = reference_attention(q, k, v, causal=True) if q_len == kv_len else (None, None)
     if plain is not None:
         assert rel_err(out, plain) > 1e-3
+
+
+def test_bfloat16_close_to_reference():
+    q_raw, k_raw, v, _, inv_freq = _inputs(4, q_len=80, kv_len=80)
+    pos = torch.arange(80)
+    q, k = rope64(q_raw, pos, inv_freq).detach(), rope64(k_raw, pos, inv_freq).detach()
+    out, _ = dual_chunk_attention(q.bfloat16(), k.bfloat16(), v.detach().bfloat16(), inv_freq, DCAConfig(32, 16, 4))
+    ref, _ = bruteforce_dca(q_raw.detach(), k_raw.detach(), v.detach(), inv_freq, 16, 4, 32)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, ref) <= BF16_TOL
+
+
+def test_registered_with_aliases():
+    method = get_method("dca")
+    assert get_method("chunkllama") is method and get_method("dual_chunk_attn") is method
+    assert method.layout is None and method.hf_attention is not None
 
 
 def test_math_backend_agrees():

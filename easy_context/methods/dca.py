@@ -217,7 +217,8 @@ def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torc
 
     Uses transformers' "rotate_half" pairing (dimension ``d`` with ``d + D_rot/2``), as Llama, Mistral and Qwen2 do.
     When the rotary dimension ``2 * len(inv_freq)`` is smaller than ``D`` (partial rotary), only the leading part is
-    rotated. The angles are computed in float64 (exact for any realistic shift), then cast to ``x``'s dtype.
+    rotated. The angles are computed in float64 (exact for any realistic shift); float16/bfloat16 vectors are rotated
+    in float32 and rounded once.
     """
     rot_dim = 2 * inv_freq.shape[-1]
     if rot_dim > x.shape[-1]:
@@ -225,11 +226,12 @@ def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torc
     wide = torch.float32 if x.device.type == "mps" else torch.float64
     angles = delta.to(x.device, wide)[:, None] * inv_freq.to(x.device, wide)[None, :]
     angles = torch.cat((angles, angles), dim=-1)
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    if rot_dim == x.shape[-1]:
-        return x * cos + _rotate_half(x) * sin
-    head, tail = x[..., :rot_dim], x[..., rot_dim:]
-    return torch.cat((head * cos + _rotate_half(head) * sin, tail), dim=-1)
+    # Half-precision inputs are rotated in float32 and rounded once at the end.
+    work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    cos, sin = angles.cos().to(work), angles.sin().to(work)
+    head = x[..., :rot_dim].to(work)
+    head = (head * cos + _rotate_half(head) * sin).to(x.dtype)
+    return head if rot_dim == x.shape[-1] else torch.cat((head, x[..., rot_dim:]), dim=-1)
 
 
 def dual_chunk_attention(
