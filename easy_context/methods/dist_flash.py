@@ -1,0 +1,339 @@
+"""DistFlashAttn (LightSeq, Li et al. 2023): contiguous shards, causal work balanced by helpers.
+
+Rank ``r`` of ``P`` holds contiguous chunk ``r``: queries ``Q_r`` and keys/values ``K_r, V_r``. Causal attention needs
+every pair (query block ``r``, key block ``j``) with ``j <= r``. A plain ring gives rank ``P-1`` all ``P`` of its
+pairs while rank 0 has one. Here the pairs are grouped by *distance* ``d = r - j``:
+
+* step 0: every rank computes its diagonal block ``(r, r)`` (causal, local);
+* step ``t`` for ``1 <= t < P/2``: the ``P - t`` pairs at distance ``t`` are computed by their *query owners*
+  (rank ``r >= t`` receives ``K_{r-t}, V_{r-t}``), and the ``t`` pairs at distance ``P - t`` by their *key owners*:
+  rank ``j < t``, which has nothing left of its own, receives ``Q_{j+P-t}``, attends it to its own K/V and returns
+  the partial ``(out, lse)``, which the query owner merges. Every rank computes exactly one full block.
+* step ``P/2`` (even ``P`` only): the ``P/2`` pairs at distance ``P/2`` are split by query rows: the query owner
+  computes the first half of its rows, the idle key owner the second half.
+
+Distances ``t`` and ``P - t`` over ``t = 1 .. floor(P/2)`` cover ``1 .. P-1`` once each, so every causal pair is
+computed exactly once, and every rank does the same work: one causal diagonal block plus ``(P-1)/2`` full blocks
+(``P/2`` block-equivalents including the diagonal, against ``P - 1/2`` for the busiest rank of a plain ring). Odd
+world sizes need no half blocks. The schedule for ``P = 4`` (``Qa·Kb`` is query block ``a`` against key block ``b``;
+``→a`` marks a helper whose partial result goes back to rank ``a``; ``½`` is half of the query rows):
+
+====== ============ ============ ==================
+rank   step 0       step 1       step 2
+====== ============ ============ ==================
+0      Q0·K0 causal Q3·K0 →3     ½Q2·K0 (2nd) →2
+1      Q1·K1 causal Q1·K0        ½Q3·K1 (2nd) →3
+2      Q2·K2 causal Q2·K1        ½Q2·K0 (1st)
+3      Q3·K3 causal Q3·K2        ½Q3·K1 (1st)
+====== ============ ============ ==================
+
+Non-causal attention runs the plain ring on the same engine: at step ``t`` rank ``r`` attends to ``K/V_{(r-t) mod P}``.
+
+**Engine.** A schedule is a list of steps, each a list of :class:`Work` items, identical on every rank. From it each
+rank derives what it must receive before a step (K/V of another rank; another rank's query rows) and what it must
+return after it (partial ``(out, lse)`` to the query owner). Step ``t`` runs while one batched ``batch_isend_irecv``
+moves the inputs of step ``t+1`` and the results of step ``t-1``: communication overlaps compute, with one step of
+buffers in flight (double buffering). The backward pass runs the same schedule: a helper receives the query rows
+with their ``dout``, ``out`` and ``lse``, and returns float32 ``dQ``; a query owner that used another rank's K/V
+returns float32 ``dK, dV`` to it. Block gradients use the final merged ``(out, lse)``, so each is its exact share.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..comm import group_rank, group_size
+from ..kernels import block_attention, block_attention_backward, merge
+from ..layout import CONTIGUOUS
+from . import Method, register
+
+__all__ = ["Work", "Transfer", "causal_schedule", "full_schedule", "make_schedule", "dist_flash_attn",
+           "DistFlashAttention"]
+
+
+class Work(NamedTuple):
+    """One block of attention: rows ``rows`` of ``q_owner``'s queries against all of ``kv_owner``'s keys."""
+
+    rank: int  # the rank that computes it
+    q_owner: int  # whose queries (and who merges the result)
+    kv_owner: int  # whose keys/values (and who receives dK/dV in backward)
+    rows: Tuple[int, int]  # [start, stop) of q_owner's local query rows
+    causal: bool  # diagonal block, causally masked
+
+
+Schedule = List[List[Work]]
+
+
+def causal_schedule(world_size: int, local_len: int) -> Schedule:
+    """The load-balanced causal schedule described in the module docstring."""
+    P, n = world_size, local_len
+    steps: Schedule = [[Work(r, r, r, (0, n), True) for r in range(P)]]
+    for t in range(1, P // 2 + 1):
+        step: List[Work] = []
+        if 2 * t < P:
+            step += [Work(r, r, r - t, (0, n), False) for r in range(t, P)]  # owners, distance t
+            step += [Work(j, j + P - t, j, (0, n), False) for j in range(t)]  # helpers, distance P - t
+        else:  # 2t == P: distance P/2, split by query rows between the query owner and the idle key owner
+            half = n // 2
+            for r in range(t, P):
+                if half > 0:
+                    step.append(Work(r, r, r - t, (0, half), False))
+                step.append(Work(r - t, r, r - t, (half, n), False))
+        steps.append(step)
+    return steps
+
+
+def full_schedule(world_size: int, local_len: int) -> Schedule:
+    """Non-causal attention: the plain ring, rank ``r`` attends to ``K/V_{(r-t) mod P}`` at step ``t``."""
+    P, n = world_size, local_len
+    return [[Work(r, r, (r - t) % P, (0, n), False) for r in range(P)] for t in range(P)]
+
+
+def make_schedule(world_size: int, local_len: int, causal: bool) -> Schedule:
+    return causal_schedule(world_size, local_len) if causal else full_schedule(world_size, local_len)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Transfers derived from a schedule, and the pipelined executor
+# ----------------------------------------------------------------------------------------------------------------------
+class Transfer(NamedTuple):
+    """Tensors moving from ``src`` to ``dst``. Kinds: inputs ``kv`` and ``q`` (before a step); results ``out``
+    (forward), ``dq`` and ``dkv`` (backward), after it. ``rows`` are the query rows concerned."""
+
+    kind: str
+    src: int
+    dst: int
+    rows: Tuple[int, int]
+
+
+def _inputs(works: Sequence[Work]) -> List[Transfer]:
+    found: Dict[Transfer, None] = {}
+    for w in works:
+        if w.kv_owner != w.rank:
+            found[Transfer("kv", w.kv_owner, w.rank, (0, 0))] = None
+        if w.q_owner != w.rank:
+            found[Transfer("q", w.q_owner, w.rank, w.rows)] = None
+    return list(found)
+
+
+def _results(works: Sequence[Work], backward: bool) -> List[Transfer]:
+    found: Dict[Transfer, None] = {}
+    for w in works:
+        if w.q_owner != w.rank:
+            found[Transfer("dq" if backward else "out", w.rank, w.q_owner, w.rows)] = None
+        if backward and w.kv_owner != w.rank:
+            found[Transfer("dkv", w.rank, w.kv_owner, (0, 0))] = None
+    return list(found)
+
+
+class _Exchange:
+    """One batch of point-to-point transfers in flight at a time (``batch_isend_irecv`` on ``group``).
+
+    Every rank derives the same ordered transfer list for a batch, and a tensor's tag is its position in that list,
+    so sends and receives match on backends that use tags (gloo) and on those that match by order (NCCL).
+    """
+
+    def __init__(self, group, rank: int):
+        self.group, self.rank = group, rank
+        self._to_global = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
+        self._requests: List = []
+        self._keep: List[torch.Tensor] = []
+
+    def post(self, transfers: Sequence[Transfer], payload: Callable[[Transfer], List[torch.Tensor]],
+             like: Callable[[Transfer], List[torch.Tensor]]) -> Dict[Transfer, List[torch.Tensor]]:
+        """Start ``transfers`` that involve this rank; returns receive buffers (filled after :meth:`wait`)."""
+        ops, received = [], {}
+        for index, tr in enumerate(transfers):
+            if tr.src == self.rank:
+                for i, x in enumerate(payload(tr)):
+                    x = x.contiguous()
+                    self._keep.append(x)
+                    ops.append(dist.P2POp(dist.isend, x, self._to_global(tr.dst), self.group, 8 * index + i))
+            elif tr.dst == self.rank:
+                buffers = [torch.empty_like(x, memory_format=torch.contiguous_format) for x in like(tr)]
+                received[tr] = buffers
+                for i, b in enumerate(buffers):
+                    ops.append(dist.P2POp(dist.irecv, b, self._to_global(tr.src), self.group, 8 * index + i))
+        if ops:
+            self._requests = dist.batch_isend_irecv(ops)
+        return received
+
+    def wait(self) -> None:
+        for request in self._requests:
+            request.wait()
+        self._requests, self._keep = [], []
+
+
+def _execute(steps: Schedule, rank: int, group, *, backward: bool,
+             payload: Callable[[Transfer], List[torch.Tensor]],
+             like: Callable[[Transfer], List[torch.Tensor]],
+             compute: Callable[[Work, Dict[Transfer, List[torch.Tensor]]], None],
+             deliver: Callable[[Transfer, List[torch.Tensor]], None]) -> None:
+    """Run ``steps`` on this rank: while step ``t`` computes, the inputs of ``t+1`` and results of ``t-1`` move.
+
+    ``payload(tr)`` gives the tensors this rank sends for ``tr``; ``like(tr)`` tensors shaped like those it receives;
+    ``compute(work, inputs)`` does one block of this rank; ``deliver(tr, tensors)`` folds a received result in.
+    """
+    exchange = _Exchange(group, rank)
+    inputs = [_inputs(step) for step in steps]
+    results = [_results(step, backward) for step in steps]
+    current = exchange.post(inputs[0], payload, like)
+    exchange.wait()
+    for t, step in enumerate(steps):
+        transfers = (inputs[t + 1] if t + 1 < len(steps) else []) + (results[t - 1] if t > 0 else [])
+        arriving = exchange.post(transfers, payload, like)
+        for work in step:
+            if work.rank == rank:
+                compute(work, current)
+        exchange.wait()
+        current = {tr: x for tr, x in arriving.items() if tr.kind in ("kv", "q")}
+        for tr, tensors in arriving.items():
+            if tr.kind not in ("kv", "q"):
+                deliver(tr, tensors)
+    if steps:
+        arriving = exchange.post(results[-1], payload, like)
+        exchange.wait()
+        for tr, tensors in arriving.items():
+            deliver(tr, tensors)
+
+
+def _rows(x: torch.Tensor, rows: Tuple[int, int]) -> torch.Tensor:
+    return x[:, :, rows[0]:rows[1]]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The autograd Function
+# ----------------------------------------------------------------------------------------------------------------------
+class DistFlashAttention(torch.autograd.Function):
+    """The schedule over ``group``. Inputs and outputs are this rank's contiguous ``(B, H, S_local, D)`` shards."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, scale: float, group, backend):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        rank, world = group_rank(group), group_size(group)
+        steps = make_schedule(world, q.shape[2], causal)
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+        outbox: Dict[Transfer, List[torch.Tensor]] = {}
+
+        def payload(tr):
+            if tr.kind == "kv":
+                return [k, v]
+            if tr.kind == "q":
+                return [_rows(q, tr.rows)]
+            return outbox.pop(tr)
+
+        def like(tr):
+            if tr.kind == "kv":
+                return [k, v]
+            if tr.kind == "q":
+                return [_rows(q, tr.rows)]
+            return [_rows(q, tr.rows), _rows(lse, tr.rows)]  # "out": a partial (out, lse)
+
+        def compute(w, received):
+            q_w = _rows(q, w.rows) if w.q_owner == rank else received[Transfer("q", w.q_owner, rank, w.rows)][0]
+            k_w, v_w = (k, v) if w.kv_owner == rank else received[Transfer("kv", w.kv_owner, rank, (0, 0))]
+            block_out, block_lse = block_attention(q_w, k_w, v_w, w.causal, scale, backend)
+            if w.q_owner == rank:
+                merge(_rows(out, w.rows), _rows(lse, w.rows), block_out, block_lse)
+            else:
+                outbox[Transfer("out", rank, w.q_owner, w.rows)] = [block_out.to(q.dtype), block_lse.float()]
+
+        def deliver(tr, tensors):
+            merge(_rows(out, tr.rows), _rows(lse, tr.rows), tensors[0], tensors[1])
+
+        _execute(steps, rank, group, backward=False, payload=payload, like=like, compute=compute, deliver=deliver)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (causal, scale, group, backend)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        causal, scale, group, backend = ctx.args
+        dout = dout.contiguous()
+        rank, world = group_rank(group), group_size(group)
+        steps = make_schedule(world, q.shape[2], causal)
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros_like(dk)
+        outbox: Dict[Transfer, List[torch.Tensor]] = {}
+
+        def payload(tr):
+            if tr.kind == "kv":
+                return [k, v]
+            if tr.kind == "q":
+                return [_rows(x, tr.rows) for x in (q, dout, out, lse)]
+            return outbox.pop(tr)
+
+        def like(tr):
+            if tr.kind == "kv":
+                return [k, v]
+            if tr.kind == "q":
+                return [_rows(x, tr.rows) for x in (q, dout, out, lse)]
+            if tr.kind == "dq":
+                return [_rows(dq, tr.rows)]
+            return [dk, dv]  # "dkv"
+
+        def send_back(tr, grads):
+            if tr in outbox:  # several blocks of one step return to the same rank: add them up
+                for acc, g in zip(outbox[tr], grads):
+                    acc += g
+            else:
+                outbox[tr] = [g.float() for g in grads]
+
+        def compute(w, received):
+            if w.q_owner == rank:
+                q_w, do_w, o_w, l_w = (_rows(x, w.rows) for x in (q, dout, out, lse))
+            else:
+                q_w, do_w, o_w, l_w = received[Transfer("q", w.q_owner, rank, w.rows)]
+            k_w, v_w = (k, v) if w.kv_owner == rank else received[Transfer("kv", w.kv_owner, rank, (0, 0))]
+            dq_w, dk_w, dv_w = block_attention_backward(do_w, q_w, k_w, v_w, o_w, l_w, w.causal, scale, backend)
+            if w.q_owner == rank:
+                _rows(dq, w.rows).add_(dq_w)
+            else:
+                send_back(Transfer("dq", rank, w.q_owner, w.rows), [dq_w])
+            if w.kv_owner == rank:
+                dk.add_(dk_w)
+                dv.add_(dv_w)
+            else:
+                send_back(Transfer("dkv", rank, w.kv_owner, (0, 0)), [dk_w, dv_w])
+
+        def deliver(tr, tensors):
+            if tr.kind == "dq":
+                _rows(dq, tr.rows).add_(tensors[0])
+            else:
+                dk.add_(tensors[0])
+                dv.add_(tensors[1])
+
+        _execute(steps, rank, group, backward=True, payload=payload, like=like, compute=compute, deliver=deliver)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def dist_flash_attn(q, k, v, *, causal: bool = True, scale: Optional[float] = None, group=None, backend=None):
+    """DistFlashAttn over ``group`` on contiguous shards; returns ``(out, lse)`` for this rank's queries.
+
+    ``q``: ``(B, H, S_local, D)``; ``k``, ``v``: ``(B, H_kv, S_local, D)``; every rank holds the same ``S_local``
+    (the contiguous layout guarantees it). Any world size works; non-causal attention runs a plain ring.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return DistFlashAttention.apply(q, k, v, causal, scale, group, backend)
+
+
+register(
+    Method(
+        name="dist_flash_attn",
+        description="DistFlashAttn (LightSeq) over contiguous chunks: idle ranks compute for busy ones; "
+                    "every rank does P/2 blocks of causal work",
+        layout=CONTIGUOUS,
+        attention=dist_flash_attn,
+        communication="causal: floor(P/2) steps; a rank receives K/V (2·S·H_kv·D/P) or sends Q (S·H·D/P) and gets "
+                      "(out, lse) back per step",
+    ),
+    "dist_flash",
+)
