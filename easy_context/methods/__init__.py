@@ -74,4 +74,4 @@ def get_method(name) -> Method:
 
 
 # Importing a method module registers it.
-from . import data_parallel, ring, zigzag, stripe, dca, dist_flash  # noqa: E402,F401
+from . import data_parallel, ring, zigzag, stripe, dca, dist_flash, ulysses, usp  # noqa: E402,F401
