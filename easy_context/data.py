@@ -107,16 +107,119 @@ def gather_seq_parallel(local: torch.Tensor, seq_algo, dim: int = 1, group=None)
     return method.layout.unshard(shards, dim=dim)
 
 
-def prepare_dataloader(seq_algo, dataloader, accelerator):
-    """EasyContext's dataloader preparation.
+def prepare_dataloader(seq_algo, dataloader, accelerator, *, sp_size: Optional[int] = None, mesh=None):
+    """EasyContext's dataloader preparation, for a (data × sequence) parallel world.
 
-    With ``data_parallel`` the loader is sharded across processes by ``accelerator``; with a sequence-parallel method
-    every process of the group must see the same batches, so the loader is returned as is.
+    The loader is split over the *data-parallel replicas* only: every process of one sequence-parallel group gets the
+    same batches in the same order (each then takes its slice with :func:`prepare_seq_parallel_inputs`), and
+    different groups get disjoint batches. With ``data_parallel`` every process is its own replica.
+
+    Args:
+        seq_algo: the method name (as for :func:`prepare_seq_parallel_inputs`).
+        dataloader: a ``torch.utils.data.DataLoader``; its ``batch_size`` is the per-replica batch.
+        accelerator: an ``accelerate.Accelerator`` (plain, multi-CPU/GPU, or DeepSpeed); its batch placement,
+            ``even_batches``, seedable-sampler and RNG-synchronisation settings apply.
+        sp_size: processes per sequence-parallel group; checked against the mesh or group already set up (see
+            :func:`easy_context.setup_mesh`), it never creates groups itself.
+        mesh: a ``("dp", "sp")`` device mesh to take the replicas from (default: the one from
+            :func:`easy_context.setup_mesh`, else the current sequence-parallel group).
+
+    The returned loader is accelerate's own ``DataLoaderShard``, registered with ``accelerator`` for
+    ``save_state``/``load_state``. Resume mid-epoch with ``accelerator.skip_first_batches(loader, step)`` (same epoch,
+    same ``set_epoch``): the order continues where it stopped. Do not pass the result to ``accelerator.prepare``
+    again, which would split it over every process. Shuffling samplers get the same order on every process through
+    accelerate's RNG synchronisation (or ``DataLoaderConfiguration(use_seedable_sampler=True)`` + ``set_epoch``);
+    an ``IterableDataset`` must yield the same stream on every process (batches are not dispatched from rank 0).
     """
+    from accelerate.data_loader import prepare_data_loader
+
+    from . import mesh as mesh_module
+
     method = get_method(seq_algo)
+    world = group_size(None)
+    if accelerator.num_processes != world:
+        raise ValueError(f"the accelerator has {accelerator.num_processes} processes but torch.distributed has "
+                         f"{world}: create the Accelerator in the same processes as the process group")
     if not method.is_sequence_parallel:
-        return accelerator.prepare(dataloader)
-    return dataloader
+        if sp_size not in (None, 1):
+            raise ValueError(f"sp_size={sp_size} needs a sequence-parallel method; {method.name} shards no sequence")
+        return accelerator.prepare(dataloader)  # every process is its own replica
+    mesh = mesh if mesh is not None else mesh_module.get_mesh()
+    if mesh is not None:
+        mesh_module.check_mesh(mesh, sp_size)
+        dp_rank, dp_size = mesh.get_local_rank("dp"), mesh.size(0)
+    else:
+        current = mesh_module.sequence_parallel_size()
+        if sp_size is not None and sp_size != current:
+            raise ValueError(
+                f"sp_size={sp_size} does not match the sequence-parallel group, which has {current} processes: "
+                f"call easy_context.setup_mesh(sp_size={sp_size}) on every process first"
+            )
+        dp_rank, dp_size = mesh_module.data_parallel_rank(), mesh_module.data_parallel_size()
+    data_seed = _synchronise_shuffling(dataloader, accelerator)
+    prepared = prepare_data_loader(
+        dataloader,
+        device=accelerator.device,
+        num_processes=dp_size,
+        process_index=dp_rank,
+        split_batches=accelerator.split_batches,
+        put_on_device=accelerator.device_placement,
+        rng_types=list(accelerator.rng_types or []),
+        dispatch_batches=False,
+        even_batches=accelerator.even_batches,
+        use_seedable_sampler=accelerator.use_seedable_sampler,
+        data_seed=data_seed,
+        non_blocking=accelerator.non_blocking,
+        use_stateful_dataloader=accelerator.use_stateful_dataloader,
+    )
+    if hasattr(accelerator, "_dataloaders"):  # what accelerator.prepare does: save_state/load_state track it
+        accelerator._dataloaders.append(prepared)
+    _fill_deepspeed_batch_size(accelerator, dataloader)
+    return prepared
+
+
+def _broadcast_from_rank0(t: torch.Tensor, device) -> torch.Tensor:
+    if group_size(None) == 1:
+        return t
+    t = t.to(device).contiguous()
+    dist.broadcast(t, src=0)
+    return t.cpu()
+
+
+def _synchronise_shuffling(dataloader, accelerator) -> Optional[int]:
+    """Make a shuffling sampler produce the same permutation on every process; returns the ``data_seed`` for
+    accelerate's seedable sampler.
+
+    Every process starts with its own random torch seed, and accelerate synchronises sampler generators only when it
+    splits the data (``num_processes > 1``), so with one replica the ranks of a group would shuffle differently. The
+    sampler's generator (created if missing) gets global rank 0's state, and the seedable sampler rank 0's seed.
+    """
+    from accelerate.data_loader import get_sampler
+
+    sampler = get_sampler(dataloader)
+    data_seed = accelerator.dataloader_config.data_seed
+    if not isinstance(sampler, torch.utils.data.RandomSampler):
+        return data_seed
+    if sampler.generator is None:
+        sampler.generator = torch.Generator()
+    state = _broadcast_from_rank0(sampler.generator.get_state(), accelerator.device)
+    sampler.generator.set_state(state)
+    if data_seed is None:
+        seed = torch.tensor([torch.initial_seed() % 2**62], dtype=torch.int64)
+        data_seed = int(_broadcast_from_rank0(seed, accelerator.device).item())
+    return data_seed
+
+
+def _fill_deepspeed_batch_size(accelerator, dataloader) -> None:
+    """DeepSpeed's ``train_micro_batch_size_per_gpu: "auto"`` is resolved from loaders given to
+    ``accelerator.prepare``; this loader is not, so resolve it here from the per-replica batch size."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    batch_size = getattr(dataloader, "batch_size", None)
+    if plugin is None or batch_size is None:
+        return
+    config = plugin.deepspeed_config
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = batch_size
 
 
 def sequence_parallel_rank_and_size(group=None):
