@@ -148,7 +148,8 @@ def main(argv=None) -> int:
     model, tokenizer = load_smollm2(torch.float32, attn_implementation="sdpa")
     model.generation_config.pad_token_id = tokenizer.eos_token_id
     haystack = tokenizer(austen_text()[: 6 * max(args.lengths)], return_tensors="pt").input_ids[0]
-    jobs = [(m, n, d) for m in args.methods for n in sorted(args.lengths) for d in args.depths
+    # plain and DCA alternate on the same prompt, so an interrupted run still compares like with like
+    jobs = [(m, n, d) for n in sorted(args.lengths) for d in args.depths for m in args.methods
             if (m, n, float(d)) not in done]
     patched = False
     for method, n, depth in tqdm(jobs, desc="trials", unit="trial"):
