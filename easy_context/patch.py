@@ -134,11 +134,12 @@ def apply_seq_parallel_monkey_patch(method, model, *, group=None, **options) -> 
             return sp_attention_forward(m, *args, **kwargs)
 
         mask_fn = _no_mask(m.name)
-    attention_interface.register(m.name, attention_fn)
-    mask_interface.register(m.name, mask_fn)
+    name = m.attn_implementation
+    attention_interface.register(name, attention_fn)
+    mask_interface.register(name, mask_fn)
     if not is_family:
-        model.set_attn_implementation(m.name)
-    return m.name
+        model.set_attn_implementation(name)
+    return name
 
 
 def _check_model(method: Method, model) -> None:

@@ -35,6 +35,13 @@ class Method:
     # For the README's methods table: what crosses the wire per attention layer, forward.
     communication: str = ""
     options: Dict[str, object] = field(default_factory=dict)
+    # Name registered with transformers' AttentionInterface; empty means ``name``. transformers takes every
+    # implementation whose name contains "flash" for a flash-attention kernel, so such methods need another name.
+    implementation: str = ""
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.implementation or self.name
 
     @property
     def is_sequence_parallel(self) -> bool:

@@ -334,6 +334,7 @@ register(
         attention=dist_flash_attn,
         communication="causal: floor(P/2) steps; a rank receives K/V (2·S·H_kv·D/P) or sends Q (S·H·D/P) and gets "
                       "(out, lse) back per step",
+        implementation="lightseq_attn",
     ),
     "dist_flash",
 )
