@@ -50,8 +50,9 @@ parser.add_argument("--max-grad-norm", type=float, default=1.0)
 parser.add_argument("--steps", "--max-train-steps", type=int, default=100)
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--loss-chunk-size", type=int, default=4096, help="tokens per lm_head + cross-entropy chunk")
-parser.add_argument("--no-gradient-checkpointing", action="store_true")
-parser.add_argument("--output-dir", default="output/run")
+parser.add_argument("--checkpointing", choices=T.CHECKPOINTING, default="full", help="activation checkpointing: "
+                    "whole layers, 'remat' (recompute up to the attention output), or none")
+parser.add_argument("--output-dir", default="outputs/run")
 parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
 parser.add_argument("--resume", default=None, help="a checkpoint folder, or an output folder to resume its latest")
 parser.add_argument("--stop-at", type=int, default=None, help="stop after this step, as if interrupted (tests)")
@@ -73,8 +74,7 @@ try:  # every option error is reported before anything heavy runs
     documents = T.load_documents(args.dataset, args.text_field)
 except (ValueError, FileNotFoundError) as err:
     parser.error(str(err))
-dp_rank, dp_size = T.setup_sequence_parallel(args.parallel_mode, sp_size)
-sp_rank = accelerator.process_index % sp_size
+dp_rank, dp_size, sp_rank = T.setup_sequence_parallel(args.parallel_mode, sp_size)
 set_seed(args.seed)
 if accelerator.is_main_process:
     os.makedirs(args.output_dir, exist_ok=True)
@@ -97,9 +97,8 @@ zero3 = accelerator.distributed_type == DistributedType.DEEPSPEED and \
     accelerator.state.deepspeed_plugin.zero_stage == 3
 model = T.build_model(args.model, vocab_size=len(tokenizer), seq_length=args.seq_length, rope_theta=args.rope_theta,
                       num_layers=args.num_layers, seed=args.seed)
-if not args.no_gradient_checkpointing:
-    T.enable_checkpointing(model)
 ec.apply_seq_parallel_monkey_patch(args.parallel_mode, model)
+T.enable_checkpointing(model, args.checkpointing)
 wrapped = T.ChunkedLossModel(model, args.loss_chunk_size, zero3=zero3).train()
 
 # ---------------------------------------------------------------------------------------------------- optimizer

@@ -273,10 +273,11 @@ def check_parallel_options(method: Union[str, Method], world_size: int, sp_size:
 
 
 def setup_sequence_parallel(method: Union[str, Method], sp_size: int):
-    """Split the processes into data-parallel groups of ``sp_size`` consecutive ranks, make this process's group the
-    sequence-parallel group and return ``(dp_rank, dp_size)``.
+    """Split the processes into data-parallel replicas of ``sp_size`` consecutive ranks, make this process's replica
+    the sequence-parallel group, and return ``(dp_rank, dp_size, sp_rank)``.
 
-    Uses :func:`easy_context.mesh.setup_mesh` (a named (data × sequence) device mesh) when the package has it.
+    Uses :func:`easy_context.mesh.setup_mesh` (a named (data × sequence) device mesh) when the package has it, else
+    ``torch.distributed.new_group`` over consecutive ranks (the same layout).
     """
     import torch.distributed as dist
 
@@ -284,18 +285,17 @@ def setup_sequence_parallel(method: Union[str, Method], sp_size: int):
 
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
-    if not get_method(method).is_sequence_parallel or world == 1:
-        return rank // sp_size, world // sp_size
-    if hasattr(mesh, "setup_mesh"):
-        mesh.setup_mesh(sp_size)
-    elif sp_size == world:
-        mesh.set_sequence_parallel_group(None)
-    else:
-        for start in range(0, world, sp_size):  # every process creates every group, in the same order
-            group = dist.new_group(list(range(start, start + sp_size)))
-            if start <= rank < start + sp_size:
-                mesh.set_sequence_parallel_group(group)
-    return rank // sp_size, world // sp_size
+    if get_method(method).is_sequence_parallel and world > 1:
+        if hasattr(mesh, "setup_mesh"):
+            mesh.setup_mesh(sp_size)
+        elif sp_size == world:
+            mesh.set_sequence_parallel_group(None)
+        else:
+            for start in range(0, world, sp_size):  # every process creates every group, in the same order
+                group = dist.new_group(list(range(start, start + sp_size)))
+                if start <= rank < start + sp_size:
+                    mesh.set_sequence_parallel_group(group)
+    return rank // sp_size, world // sp_size, rank % sp_size
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -347,13 +347,26 @@ def build_model(spec: str, *, vocab_size: int, seq_length: int, rope_theta: Opti
     return AutoModelForCausalLM.from_pretrained(spec, config=config, dtype=dtype, attn_implementation="sdpa")
 
 
-def enable_checkpointing(model) -> None:
-    """Recompute each decoder layer in backward (non-reentrant ``torch.utils.checkpoint``).
+CHECKPOINTING = ("full", "remat", "none")
 
-    Sequence-parallel attention recomputes its forward, communication included, identically on every rank.
+
+def enable_checkpointing(model, mode: str = "full") -> None:
+    """Activation checkpointing of every decoder layer (non-reentrant ``torch.utils.checkpoint``).
+
+    ``"full"`` recomputes whole layers in backward, sequence-parallel attention (communication included) too;
+    ``"remat"`` keeps each layer's attention output so the recomputation stops there (DistFlashAttn's
+    rematerialization-aware checkpointing, :mod:`easy_context.checkpointing`); ``"none"`` keeps every activation.
     """
+    if mode not in CHECKPOINTING:
+        raise ValueError(f"unknown checkpointing mode {mode!r}: choose one of {', '.join(CHECKPOINTING)}")
+    if mode == "none":
+        return
     kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+    if mode == "remat":
+        from .checkpointing import enable_remat_aware_checkpointing
+
+        enable_remat_aware_checkpointing(model, kwargs)
+    elif hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

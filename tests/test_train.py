@@ -99,6 +99,12 @@ def test_zigzag_two_processes_match_single_process(zigzag_run, reference):
     assert len(set(reference)) == STEPS  # the model really trains: every step's loss differs
 
 
+def test_dist_flash_attn_with_remat_checkpointing_matches_single_process(tmp_path, dataset, reference):
+    _train(tmp_path, "--dataset", dataset, "--parallel-mode", "dist_flash_attn", "--checkpointing", "remat",
+           config="cpu_2proc.yaml")
+    _assert_close(_losses(tmp_path), reference)
+
+
 def test_final_model_records_rope_theta_and_length(zigzag_run):
     config = json.loads((zigzag_run / "config.json").read_text())
     theta = config.get("rope_parameters", {}).get("rope_theta", config.get("rope_theta"))
