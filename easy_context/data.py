@@ -120,9 +120,9 @@ def prepare_dataloader(seq_algo, dataloader, accelerator, *, sp_size: Optional[i
         accelerator: an ``accelerate.Accelerator`` (plain, multi-CPU/GPU, or DeepSpeed); its batch placement,
             ``even_batches``, seedable-sampler and RNG-synchronisation settings apply.
         sp_size: processes per sequence-parallel group; checked against the mesh or group already set up (see
-            :func:`easy_context.setup_mesh`), it never creates groups itself.
+            :func:`easy_context.mesh.setup_mesh`), it never creates groups itself.
         mesh: a ``("dp", "sp")`` device mesh to take the replicas from (default: the one from
-            :func:`easy_context.setup_mesh`, else the current sequence-parallel group).
+            :func:`easy_context.mesh.setup_mesh`, else the current sequence-parallel group).
 
     The returned loader is accelerate's own ``DataLoaderShard``, registered with ``accelerator`` for
     ``save_state``/``load_state``. Resume mid-epoch with ``accelerator.skip_first_batches(loader, step)`` (same epoch,
@@ -153,7 +153,7 @@ def prepare_dataloader(seq_algo, dataloader, accelerator, *, sp_size: Optional[i
         if sp_size is not None and sp_size != current:
             raise ValueError(
                 f"sp_size={sp_size} does not match the sequence-parallel group, which has {current} processes: "
-                f"call easy_context.setup_mesh(sp_size={sp_size}) on every process first"
+                f"call easy_context.mesh.setup_mesh(sp_size={sp_size}) on every process first"
             )
         dp_rank, dp_size = mesh_module.data_parallel_rank(), mesh_module.data_parallel_size()
     data_seed = _synchronise_shuffling(dataloader, accelerator)

@@ -92,7 +92,7 @@ def check_mesh(mesh, sp_size: Optional[int] = None) -> None:
     if names != MESH_DIM_NAMES:
         raise ValueError(
             f"expected a 2-D device mesh with mesh_dim_names={MESH_DIM_NAMES}, got {names or 'no names'} "
-            f"(shape {tuple(getattr(mesh, 'shape', ()))}): build it with easy_context.setup_mesh(sp_size) or "
+            f"(shape {tuple(getattr(mesh, 'shape', ()))}): build it with easy_context.mesh.setup_mesh(sp_size) or "
             f"init_device_mesh(device_type, (dp, sp), mesh_dim_names={MESH_DIM_NAMES})"
         )
     world = _world_size()
@@ -181,7 +181,7 @@ def _data_parallel_layout() -> Tuple[int, int]:
         raise ValueError(
             f"cannot tell the data-parallel layout of the sequence-parallel group {ranks} in a world of {world}: "
             "without a mesh, sequence-parallel groups must be consecutive ranks [k*sp, (k+1)*sp); use "
-            "easy_context.setup_mesh(sp_size) instead"
+            "easy_context.mesh.setup_mesh(sp_size) instead"
         )
     return ranks[0] // sp, world // sp
 
@@ -199,5 +199,5 @@ def data_parallel_size() -> int:
 def get_data_parallel_group():
     """The processes holding the same sequence slice in every replica (a column of the mesh)."""
     if _MESH is None:
-        raise ValueError("there is no data-parallel group without a mesh: call easy_context.setup_mesh(sp_size)")
+        raise ValueError("there is no data-parallel group without a mesh: call easy_context.mesh.setup_mesh(sp_size)")
     return _MESH.get_group("dp")

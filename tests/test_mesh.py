@@ -1,4 +1,5 @@
-"""The (data × sequence) mesh, prepare_dataloader and one accelerate optimizer step on 4 gloo ranks as 2 dp × 2 sp.
+"""The (data × sequence) mesh, prepare_dataloader and one accelerate optimizer step (DDP; DeepSpeed ZeRO-2 as a slow
+test) on 4 gloo ranks as 2 dp × 2 sp.
 
 One set of 4 processes (a module fixture) builds the mesh, reads the data, takes a training step and provokes the
 configuration errors; the tests below check what each rank reported against single-process references.
@@ -35,6 +36,33 @@ def _inputs(sequences, sample_ids):
         target_ids[row, : 3 * sample] = -100  # sample i has 3i masked targets
     position_ids = torch.arange(SEQ_LEN).expand_as(input_ids)
     return input_ids, position_ids, target_ids
+
+
+def _optimizer_step(accelerator):
+    """One SGD step on this replica's first batch with the global token-weighted loss; gradients are averaged over
+    all processes by ``accelerator`` (DDP or DeepSpeed). Returns ``(sample ids, loss, parameters)``."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import easy_context as ec
+    from easy_context import mesh as M
+
+    model = tiny_model("llama")
+    ec.apply_seq_parallel_monkey_patch(METHOD, model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    # prepare_dataloader first: it resolves DeepSpeed's "auto" micro-batch size, which accelerator.prepare needs
+    loader = ec.prepare_dataloader(METHOD, DataLoader(TensorDataset(torch.arange(NUM_SAMPLES)), batch_size=BATCH),
+                                   accelerator)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    (sample_ids,) = next(iter(loader))
+    sp_rank, sp_size = M.sequence_parallel_rank_and_size()
+    local = ec.prepare_seq_parallel_inputs(METHOD, *_inputs(_training_batch()[sample_ids], sample_ids), sp_rank,
+                                           sp_size, accelerator.device)
+    logits = model(local["local_input_ids"], position_ids=local["local_position_ids"]).logits
+    loss = ec.seq_parallel_cross_entropy(logits, local["local_target_ids"])
+    accelerator.backward(loss)
+    optimizer.step()
+    params = {n: p.detach().clone() for n, p in accelerator.unwrap_model(model).named_parameters()}
+    return sample_ids.tolist(), loss.detach(), params
 
 
 def _worker(rank, world_size):
@@ -93,25 +121,7 @@ def _worker(rank, world_size):
             errors[name] = str(err)
     report["errors"] = errors
 
-    # One optimizer step: accelerate (DDP over all 4 processes) + the global token-weighted loss.
-    model = tiny_model("llama")
-    ec.apply_seq_parallel_monkey_patch(METHOD, model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    sequences = _training_batch()
-    loader = ec.prepare_dataloader(METHOD, DataLoader(TensorDataset(torch.arange(NUM_SAMPLES)), batch_size=BATCH),
-                                   accelerator)
-    (sample_ids,) = next(iter(loader))
-    sp_rank, sp_size = M.sequence_parallel_rank_and_size()
-    local = ec.prepare_seq_parallel_inputs(METHOD, *_inputs(sequences[sample_ids], sample_ids), sp_rank, sp_size,
-                                           accelerator.device)
-    logits = model(local["local_input_ids"], position_ids=local["local_position_ids"]).logits
-    loss = ec.seq_parallel_cross_entropy(logits, local["local_target_ids"])
-    accelerator.backward(loss)
-    optimizer.step()
-    report["step_samples"] = sample_ids.tolist()
-    report["loss"] = loss.detach()
-    report["params"] = {n: p.detach().clone() for n, p in accelerator.unwrap_model(model).named_parameters()}
+    report["step_samples"], report["loss"], report["params"] = _optimizer_step(accelerator)
     return report
 
 
@@ -170,10 +180,9 @@ def test_setup_mesh_needs_a_process_group():
         M.setup_mesh(sp_size=1)
 
 
-def test_one_optimizer_step_equals_single_process(reports):
+def _check_step_against_single_process(reports):
     # dp replica d read batch d: the global batch is the first WORLD // SP batches
-    step_samples = [r["step_samples"] for r in reports]
-    assert step_samples == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [r["step_samples"] for r in reports] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     sample_ids = torch.arange(BATCH * WORLD // SP)
     model = tiny_model("llama")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -188,3 +197,31 @@ def test_one_optimizer_step_equals_single_process(reports):
         for name, p in model.named_parameters():
             update_err = rel_err(r["params"][name] - before[name], p.detach() - before[name])
             assert update_err <= FP32_TOL, f"{name}: update relative error {update_err:.2e}"
+
+
+def test_one_optimizer_step_equals_single_process(reports):
+    _check_step_against_single_process(reports)
+
+
+def _deepspeed_worker(rank, world_size):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    from easy_context import mesh as M
+
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
+              "zero_force_ds_cpu_optimizer": False, "gradient_clipping": 0.0}  # plain SGD: no clipping
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config),
+                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    assert accelerator.distributed_type == "DEEPSPEED", accelerator.distributed_type
+    M.setup_mesh(sp_size=SP)
+    step_samples, loss, params = _optimizer_step(accelerator)
+    return {"step_samples": step_samples, "loss": loss, "params": params}
+
+
+@pytest.mark.slow
+def test_one_deepspeed_zero2_step_equals_single_process():
+    pytest.importorskip("deepspeed")
+    _check_step_against_single_process(run_distributed(_deepspeed_worker, WORLD, timeout=400))
