@@ -53,11 +53,12 @@ _MESH = None
 def set_sequence_parallel_group(group) -> None:
     """Run sequence-parallel attention over ``group`` (``None``: the default process group).
 
-    Setting a group by hand forgets any mesh made by :func:`setup_mesh`.
+    Setting a group other than the mesh's ``sp`` row forgets the mesh made by :func:`setup_mesh`.
     """
     global _SP_GROUP, _MESH
+    if _MESH is not None and group is not _MESH.get_group("sp"):
+        _MESH = None
     _SP_GROUP = group
-    _MESH = None
 
 
 def get_sequence_parallel_group():
