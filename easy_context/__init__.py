@@ -5,10 +5,19 @@ The public API keeps EasyContext's names::
     from easy_context import apply_seq_parallel_monkey_patch, prepare_seq_parallel_inputs, prepare_dataloader
 """
 
+from .checkpointing import enable_remat_aware_checkpointing
 from .data import gather_seq_parallel, prepare_dataloader, prepare_seq_parallel_inputs
 from .loss import chunked_cross_entropy_sum, seq_parallel_cross_entropy, token_weighted_loss
-from .mesh import get_sequence_parallel_group, set_sequence_parallel_group
+from .mesh import (
+    data_parallel_rank,
+    data_parallel_size,
+    get_sequence_parallel_group,
+    sequence_parallel_rank_and_size,
+    set_sequence_parallel_group,
+    setup_mesh,
+)
 from .methods import available_methods, get_method
+from .methods.dca import replace_with_chunkllama
 from .patch import apply_seq_parallel_monkey_patch
 
 __version__ = "0.1.0"
@@ -21,8 +30,14 @@ __all__ = [
     "seq_parallel_cross_entropy",
     "token_weighted_loss",
     "chunked_cross_entropy_sum",
+    "setup_mesh",
+    "sequence_parallel_rank_and_size",
+    "data_parallel_rank",
+    "data_parallel_size",
     "set_sequence_parallel_group",
     "get_sequence_parallel_group",
+    "enable_remat_aware_checkpointing",
+    "replace_with_chunkllama",
     "available_methods",
     "get_method",
 ]

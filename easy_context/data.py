@@ -7,7 +7,7 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
-from .comm import group_rank, group_size
+from .comm import group_size
 from .layout import padded_length
 from .loss import IGNORE_INDEX
 from .mesh import get_sequence_parallel_group
@@ -221,8 +221,3 @@ def _fill_deepspeed_batch_size(accelerator, dataloader) -> None:
     if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
         config["train_micro_batch_size_per_gpu"] = batch_size
 
-
-def sequence_parallel_rank_and_size(group=None):
-    """``(rank, world_size)`` inside the sequence-parallel group."""
-    group = get_sequence_parallel_group() if group is None else group
-    return group_rank(group), group_size(group)

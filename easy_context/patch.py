@@ -111,7 +111,11 @@ def apply_seq_parallel_monkey_patch(method, model, *, group=None, **options) -> 
             afterwards with ``attn_implementation=<returned name>`` use it.
         group: the process group to run over (default: the current sequence-parallel group, see
             :func:`easy_context.mesh.set_sequence_parallel_group`).
-        **options: method options (for example ``pretraining_length`` for ``"dca"``).
+        **options: method options: ``ulysses_degree`` for ``"usp_attn"``; ``pretraining_length``, ``chunk_size``
+            and ``local_window`` for ``"dca"``. Other methods take none.
+
+    The returned name is usually the method's name; ``dist_flash_attn`` registers as ``"lightseq_attn"``, because
+    transformers takes every implementation whose name contains "flash" for a flash-attention kernel.
     """
     m = get_method(method)
     if group is not None:
