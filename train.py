@@ -66,7 +66,8 @@ trackers = (["wandb"] if args.wandb else []) + (["tensorboard"] if args.tensorbo
 launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
 deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
 accelerator = Accelerator(
-    cpu=not (torch.cuda.is_available() or deepspeed), gradient_accumulation_steps=args.grad_accum, log_with=trackers or None, project_dir=args.output_dir,
+    cpu=not (torch.cuda.is_available() or deepspeed), gradient_accumulation_steps=args.grad_accum,
+    log_with=trackers or None, project_dir=args.output_dir,
     kwargs_handlers=[InitProcessGroupKwargs(backend="nccl" if torch.cuda.is_available() else "gloo")] * launched)
 try:  # every option error is reported before anything heavy runs
     sp_size = T.check_parallel_options(args.parallel_mode, accelerator.num_processes, args.sp_size,
@@ -102,7 +103,7 @@ T.enable_checkpointing(model, args.checkpointing)
 wrapped = T.ChunkedLossModel(model, args.loss_chunk_size, zero3=zero3).train()
 
 # ---------------------------------------------------------------------------------------------------- optimizer
-optimizer = torch.optim.AdamW(wrapped.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+optimizer = T.build_optimizer(wrapped.parameters(), args.learning_rate, args.weight_decay, accelerator)
 scheduler = get_constant_schedule_with_warmup(optimizer, args.warmup_steps)
 if accelerator.distributed_type == DistributedType.DEEPSPEED:
     accelerator.state.deepspeed_plugin.deepspeed_config.update(
@@ -171,6 +172,6 @@ for step in progress:
 # ---------------------------------------------------------------------------------------------------- final model
 if args.stop_at is None or args.stop_at >= args.steps:
     T.save_final_model(accelerator, wrapped, tokenizer, args.output_dir)
-    accelerator.print(f"model saved to {os.path.abspath(args.output_dir)} (rope_theta="
-                      f"{T.get_rope_theta(model.config)}, max_position_embeddings={model.config.max_position_embeddings})")
+    accelerator.print(f"model saved to {os.path.abspath(args.output_dir)} (rope_theta={T.get_rope_theta(model.config)}"
+                      f", max_position_embeddings={model.config.max_position_embeddings})")
 accelerator.end_training()

@@ -29,7 +29,8 @@ from .methods import Method, get_method
 __all__ = [
     "ntk_rope_base", "scaling_law_rope_base", "rope_base", "ROPE_FORMULAS", "get_rope_theta", "set_rope_theta",
     "load_documents", "tokenize_documents", "pack_documents", "global_batch_indices",
-    "check_parallel_options", "setup_sequence_parallel", "model_path", "build_model", "enable_checkpointing", "ChunkedLossModel",
+    "check_parallel_options", "setup_sequence_parallel", "model_path", "build_model", "enable_checkpointing",
+    "CHECKPOINTING", "build_optimizer", "ChunkedLossModel",
     "save_checkpoint", "load_checkpoint", "latest_checkpoint", "save_final_model",
     "reset_peak_memory", "peak_memory_bytes", "PeakMemory",
 ]
@@ -372,6 +373,21 @@ def enable_checkpointing(model, mode: str = "full") -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def build_optimizer(params, lr: float, weight_decay: float, accelerator):
+    """AdamW for ``params``: DeepSpeed's ``DeepSpeedCPUAdam`` when DeepSpeed offloads the optimizer to CPU on a GPU
+    machine (several times faster than ``torch.optim.AdamW`` stepping host tensors, and what DeepSpeed expects
+    there), else ``torch.optim.AdamW``. On a CPU-only machine the DeepSpeed config must allow the torch optimizer
+    with ``"zero_force_ds_cpu_optimizer": false`` (see accelerate_configs/zero3_offload_cpu.json).
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    zero = plugin.deepspeed_config.get("zero_optimization", {}) if plugin is not None else {}
+    if zero.get("offload_optimizer", {}).get("device") == "cpu" and torch.cuda.is_available():
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 class ChunkedLossModel(torch.nn.Module):
     """``forward(input_ids, position_ids, target_ids) -> (loss sum, valid-target count)`` of a causal LM.
 
@@ -480,6 +496,7 @@ def save_final_model(accelerator, wrapped, tokenizer, output_dir: Union[str, Pat
     model = accelerator.unwrap_model(wrapped).model
     if accelerator.is_main_process:
         state = {k[len("model."):]: v for k, v in state.items()}
+        model.config.use_cache = True  # training turned the KV cache off; generation wants it back
         model.save_pretrained(output_dir, state_dict=state, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(output_dir)

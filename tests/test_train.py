@@ -109,7 +109,7 @@ def test_final_model_records_rope_theta_and_length(zigzag_run):
     config = json.loads((zigzag_run / "config.json").read_text())
     theta = config.get("rope_parameters", {}).get("rope_theta", config.get("rope_theta"))
     assert theta == 50000.0
-    assert config["max_position_embeddings"] == 128
+    assert config["max_position_embeddings"] == 128 and config["use_cache"] is True
     assert (zigzag_run / "model.safetensors").exists() and (zigzag_run / "tokenizer.json").exists()
 
 

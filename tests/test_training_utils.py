@@ -29,7 +29,7 @@ def test_scaling_law_base_matches_both_closed_forms():
 
 
 def test_scaling_law_base_keeps_the_critical_dimension_period_at_the_target_length():
-    base, t0, t, d = 1e5, 8192, 65536, 64
+    base, t0, t = 1e5, 8192, 65536
     critical = math.log(t0 / (2 * math.pi)) / math.log(base)  # 2i/d of the channel whose period is T0
     assert math.isclose(2 * math.pi * base ** critical, t0, rel_tol=1e-9)
     assert math.isclose(2 * math.pi * T.scaling_law_rope_base(base, t0, t) ** critical, t, rel_tol=1e-9)
@@ -108,7 +108,7 @@ def test_reset_position_ids_mask_attention_across_documents_with_sdpa():
     assert rel_err(unmasked, alone) > 1e-3  # without the reset, documents do see each other
 
 
-# ---------------------------------------------------------------------------------------------------- batches and options
+# ---------------------------------------------------------------------------------------------------- batches, options
 
 
 def test_global_batches_walk_seeded_permutations_epoch_by_epoch():
@@ -121,7 +121,8 @@ def test_global_batches_walk_seeded_permutations_epoch_by_epoch():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(method="zigzag_ring_attn", world_size=4, sp_size=3, seq_length=96), "--sp-size 3 does not divide"),
-    (dict(method="zigzag_ring_attn", world_size=2, sp_size=None, seq_length=130), "--seq-length 130 is not divisible by 4"),
+    (dict(method="zigzag_ring_attn", world_size=2, sp_size=None, seq_length=130),
+     "--seq-length 130 is not divisible by 4"),
     (dict(method="ring_attn", world_size=2, sp_size=2, seq_length=64, reset_position_ids=True), "data_parallel"),
     (dict(method="data_parallel", world_size=2, sp_size=2, seq_length=64), "--sp-size 2 needs a sequence-parallel"),
 ])
