@@ -28,7 +28,9 @@ Keys always use ``P_k = j % s`` (their position within their chunk). With ``w = 
 size: chunks stay well inside the pretraining length, so the inter-chunk distances ``[c - s, c - 1] = [L/4, L - 1]``
 are all positions the model was trained on and clearly "far" compared to the in-chunk ones. ``w = L/8`` keeps the true
 distance across a chunk boundary for the first ``L/8`` queries of every chunk (ChunkLlama's script uses ``L/16``);
-any ``w <= c - s`` is valid, and ``w = c - s`` gives the ``min`` form above.
+any ``w <= c - s`` is valid, and ``w = c - s`` gives the ``min`` form above. (ChunkLlama's script uses the ``min``
+form with chunks of ``3L/4 - w`` tokens and ``3L/4`` as its largest position; here the paper's formulas are used with
+``c = L``, so the parameters mean what the paper says.)
 
 How it is computed here. transformers hands the attention function ``q`` and ``k`` already rotated by RoPE at their
 *true* positions (keys from the KV cache too). Rotations compose, ``R(a) R(b) = R(a + b)``, so a vector rotated at
