@@ -50,6 +50,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-plot", action="store_true", help="write no plot")
     parser.add_argument("--pretraining-length", type=int, default=None,
                         help="draw the models' trained context length as a vertical line")
+    parser.add_argument("--skip-done", action="store_true",
+                        help="skip the lengths a model already has in the CSV (resume an interrupted run)")
     parser.add_argument("--chunk-size", type=int, default=4096,
                         help="tokens per logits chunk of the NLL computation (default 4096)")
     parser.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16")
@@ -65,10 +67,16 @@ def main(argv=None) -> int:
     lengths = ev.token_lengths(args.min_tokens, args.max_tokens, args.tokens_step, args.lengths)
     runtime = ev.init_runtime(cpu=True if args.cpu else None)
     dtype = ev.resolve_dtype(args.dtype, runtime.device)
-    table = ev.read_ppl_csv(args.output) if runtime.is_main else {}
+    table = ev.read_ppl_csv(args.output)  # every rank reads it before rank 0 rewrites it
+    runtime.barrier()
     samples_cache = {}
     try:
         for spec in specs:
+            todo = [n for n in lengths if not (args.skip_done and n in table.get(spec.label, {}))]
+            if not todo:
+                if runtime.is_main:
+                    print(f"{spec.label}: every length is already in {args.output}", flush=True)
+                continue
             t0 = time.perf_counter()
             model, tokenizer = ev.load_model(spec, runtime.device, dtype)
             key = getattr(tokenizer, "name_or_path", spec.path)
@@ -78,13 +86,18 @@ def main(argv=None) -> int:
             samples = samples_cache[key]
             mode = f"sequence-parallel over {runtime.world_size}" if spec.sequence_parallel else (
                 f"samples spread over {runtime.world_size}" if runtime.world_size > 1 else "single process")
-            with tqdm(total=len(lengths) * len(samples), desc=spec.label, disable=not runtime.is_main,
+
+            def record(length, ppl, label=spec.label):  # the CSV grows as each length finishes
+                table.setdefault(label, {})[length] = ppl
+                if runtime.is_main:
+                    ev.write_ppl_csv(args.output, table)
+
+            with tqdm(total=len(todo) * len(samples), desc=spec.label, disable=not runtime.is_main,
                       unit="seq") as bar:
-                ppl = ev.perplexity_by_length(model, spec, samples, lengths, runtime, args.chunk_size, progress=bar)
+                ppl = ev.perplexity_by_length(model, spec, samples, todo, runtime, args.chunk_size, progress=bar,
+                                              on_result=record)
             del model
             if runtime.is_main:
-                table[spec.label] = {**table.get(spec.label, {}), **ppl}
-                ev.write_ppl_csv(args.output, table)
                 cells = "  ".join(f"{n}: {p:.4f}" for n, p in ppl.items())
                 print(f"{spec.label} ({mode}, {time.perf_counter() - t0:.1f} s)  {cells}", flush=True)
         if runtime.is_main:

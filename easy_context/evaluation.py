@@ -353,12 +353,14 @@ def local_nll(model, spec: ModelSpec, input_ids: torch.Tensor, target_ids: torch
 
 
 def perplexity_by_length(model, spec: ModelSpec, samples: Sequence[torch.Tensor], lengths: Sequence[int],
-                         runtime: Runtime, chunk_size: int = 4096, progress=None) -> Dict[int, float]:
+                         runtime: Runtime, chunk_size: int = 4096, progress=None,
+                         on_result=None) -> Dict[int, float]:
     """``{length: perplexity}``: for each length L, every sample's first L tokens predict their next token.
 
     Each sample contributes L predictions (inputs ``x[:L]``, targets ``x[1:L+1]``), so samples must hold at least
     ``max(lengths) + 1`` tokens. Sequence-parallel models run every sample on all ranks; other models spread the
-    samples over the ranks. Either way NLL sums and counts are all-reduced before dividing.
+    samples over the ranks. Either way NLL sums and counts are all-reduced before dividing. ``on_result(length,
+    ppl)`` is called as each length finishes (on every rank).
     """
     results = {}
     for length in lengths:
@@ -374,6 +376,8 @@ def perplexity_by_length(model, spec: ModelSpec, samples: Sequence[torch.Tensor]
                 progress.update(1)
         nll, count = all_reduce_sum(total.to(runtime.device)).tolist() if runtime.world_size > 1 else total.tolist()
         results[length] = math.exp(nll / count)
+        if on_result is not None:
+            on_result(length, results[length])
     return results
 
 
@@ -606,9 +610,9 @@ class Haystack:
     def _place(hay: str, inserts: List[str], depth: float, rng: random.Random) -> Tuple[str, float]:
         """Insert ``inserts[0]`` (the needle) on the sentence boundary nearest to ``depth`` of ``hay`` and
         the others (distractors) on random boundaries; returns the text and the needle's depth in characters."""
-        bounds = [0] + [m.end() for m in _SENTENCE_END.finditer(hay)]  # each is just after whitespace
-        if bounds[-1] != len(hay):
-            bounds.append(len(hay))
+        # Boundaries lie just after whitespace. The haystack is cut at a token, so its end is a boundary only
+        # when it ends a sentence; otherwise the deepest place is before its last, partial sentence.
+        bounds = [0] + [m.end() for m in _SENTENCE_END.finditer(hay)]
         needle_at = min(bounds, key=lambda b: (abs(b - depth * len(hay)), b))
         others = [b for b in bounds if b != needle_at] or bounds
         spots = sorted([(needle_at, 0)] + [(rng.choice(others), i) for i in range(1, len(inserts))])
@@ -616,8 +620,6 @@ class Haystack:
         for at, i in spots:
             pieces.append(hay[last:at])
             last = at
-            if at == len(hay) and hay and not hay[-1].isspace():
-                pieces.append(" ")
             if i == 0:
                 needle_char = sum(map(len, pieces))
             pieces.append(inserts[i] + " ")
