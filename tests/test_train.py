@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(
 
 def _env():
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env.pop("ACCELERATE_USE_CPU", None)
+    env.pop("ACCELERATE_USE_CPU", None)  # it would turn the DeepSpeed config into plain DDP
     return env
 
 
@@ -113,9 +113,14 @@ def test_final_model_records_rope_theta_and_length(zigzag_run):
     assert (zigzag_run / "model.safetensors").exists() and (zigzag_run / "tokenizer.json").exists()
 
 
-def test_deepspeed_zero3_cpu_offload_matches_single_process(tmp_path, dataset, reference):
-    _train(tmp_path, "--dataset", dataset, "--parallel-mode", "zigzag_ring_attn",
-           config="cpu_deepspeed_zero3.yaml")
+def test_deepspeed_zero3_cpu_offload_matches_single_process_across_a_resume(tmp_path, dataset, reference):
+    """ZeRO-3 with optimizer and parameter offload, stopped after step 2 and resumed from its DeepSpeed checkpoint
+    (partitioned optimizer states): every step's loss equals the single-process run's."""
+    args = ["--dataset", dataset, "--parallel-mode", "zigzag_ring_attn", "--save-every", "2"]
+    first = _train(tmp_path, *args, "--stop-at", "2", config="cpu_deepspeed_zero3.yaml")
+    assert "DEEPSPEED" in first.stdout, first.stdout[-2000:]
+    assert (tmp_path / "checkpoint-2" / "pytorch_model").is_dir()  # DeepSpeed's own partitioned checkpoint
+    _train(tmp_path, *args, "--resume", str(tmp_path), config="cpu_deepspeed_zero3.yaml")
     _assert_close(_losses(tmp_path), reference)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["rope_parameters"]["rope_theta"] == 50000.0
