@@ -174,8 +174,10 @@ def main(argv=None) -> int:
                         print(f"{label} [{mode}] mean accuracy: {acc:.4f}")
             (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             print(f"wrote {trials_path}, {heatmap_path} and {out_dir / 'summary.json'}")
-    finally:
-        ev.shutdown_runtime()
+    except BaseException:
+        ev.shutdown_runtime(wait=False)
+        raise
+    ev.shutdown_runtime()
     return 0
 
 

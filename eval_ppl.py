@@ -106,8 +106,10 @@ def main(argv=None) -> int:
                 plot = args.plot or str(args.output).rsplit(".", 1)[0] + ".png"
                 ev.plot_perplexity(table, plot, pretraining_length=args.pretraining_length)
                 print(f"wrote {plot}")
-    finally:
-        ev.shutdown_runtime()
+    except BaseException:
+        ev.shutdown_runtime(wait=False)
+        raise
+    ev.shutdown_runtime()
     return 0
 
 

@@ -197,10 +197,14 @@ def init_runtime(cpu: Optional[bool] = None) -> Runtime:
     return Runtime(rank=rank, world_size=world_size, device=device)
 
 
-def shutdown_runtime() -> None:
-    """Leave the process group (gloo processes often abort at exit without it)."""
+def shutdown_runtime(wait: bool = True) -> None:
+    """Leave the process group (gloo processes often abort at exit without it).
+
+    ``wait`` first waits for every rank; pass ``False`` on an error, when other ranks may never get there.
+    """
     if dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
