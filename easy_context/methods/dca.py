@@ -55,6 +55,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 
 from ..kernels import block_attention, block_attention_backward, merge
+from ..patch import reject_unsupported_features
 from . import Method, register
 
 __all__ = [
@@ -368,12 +369,7 @@ def dca_attention_forward(options, module, query, key, value, attention_mask, sc
             "dca cannot apply an explicit attention mask (padding, packed sequences or a custom 4-D mask): it always "
             "computes causal attention over one unpadded sequence per batch row. Drop the mask, or pad at the end"
         )
-    if dropout:
-        raise ValueError(f"dca does not implement attention dropout ({dropout}): set config.attention_dropout=0")
-    if kwargs.get("softcap"):
-        raise ValueError(f"dca does not implement attention logit softcapping (softcap={kwargs['softcap']})")
-    if kwargs.get("s_aux") is not None:
-        raise ValueError("dca does not implement attention sinks (s_aux)")
+    reject_unsupported_features("dca", dropout, kwargs)
     if not getattr(module, "is_causal", True):
         raise ValueError("dca is defined for causal (decoder) attention only")
     q_len, kv_len = query.shape[2], key.shape[2]
