@@ -18,7 +18,6 @@ Example (the README table)::
 from __future__ import annotations
 
 import argparse
-import csv
 import random
 import re
 import sys
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from easy_context import apply_seq_parallel_monkey_patch  # noqa: E402
 from easy_context.assets import austen_text, have_assets, load_smollm2  # noqa: E402
+from results_csv import append_result, open_results  # noqa: E402
 
 FIELDS = ["method", "length", "depth", "prompt_tokens", "passkey", "found", "answer", "seconds"]
 INSTRUCTION = ("There is a pass key hidden inside a long text. Find it and memorize it. I will ask you about the pass "
@@ -136,14 +136,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / "dca_passkey.csv"
-    rows = []
-    if args.resume and csv_path.exists():
-        with csv_path.open() as f:
-            rows = list(csv.DictReader(f))
+    rows = open_results(csv_path, FIELDS, args.resume)
     done = {(r["method"], int(r["length"]), float(r["depth"])) for r in rows}
-    if not args.resume or not csv_path.exists():
-        with csv_path.open("w", newline="") as f:
-            csv.DictWriter(f, FIELDS).writeheader()
 
     model, tokenizer = load_smollm2(torch.float32, attn_implementation="sdpa")
     model.generation_config.pad_token_id = tokenizer.eos_token_id
@@ -169,8 +163,7 @@ def main(argv=None) -> int:
         row = {"method": method, "length": n, "depth": depth, "prompt_tokens": ids.shape[1], "passkey": key,
                "found": int(key in answer), "answer": answer, "seconds": f"{time.perf_counter() - t0:.1f}"}
         tqdm.write(f"{method:5s} {n:6d} depth {depth:.2f}: key {key} -> {answer!r} ({row['seconds']} s)")
-        with csv_path.open("a", newline="") as f:
-            csv.DictWriter(f, FIELDS).writerow(row)
+        append_result(csv_path, FIELDS, row)
         rows.append(row)
         write_outputs(rows, args.out)
     write_outputs(rows, args.out)

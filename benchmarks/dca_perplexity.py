@@ -17,9 +17,7 @@ Example (the README table)::
 from __future__ import annotations
 
 import argparse
-import csv
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from easy_context import apply_seq_parallel_monkey_patch, chunked_cross_entropy_sum  # noqa: E402
 from easy_context.assets import austen_text, have_assets, load_smollm2  # noqa: E402
+from results_csv import append_result, open_results  # noqa: E402
 
 FIELDS = ["method", "length", "window", "start_token", "ppl", "ppl_last2k", "tokens", "seconds",
           "pretraining_length", "chunk_size", "local_window"]
@@ -119,14 +118,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / "dca_perplexity.csv"
-    rows = []
-    if args.resume and csv_path.exists():
-        with csv_path.open() as f:
-            rows = list(csv.DictReader(f))
+    rows = open_results(csv_path, FIELDS, args.resume)
     done = {(r["method"], int(r["length"]), int(r["window"])) for r in rows}
-    if not args.resume or not csv_path.exists():
-        with csv_path.open("w", newline="") as f:
-            csv.DictWriter(f, FIELDS).writeheader()
 
     model, tokenizer = load_smollm2(torch.float32, attn_implementation="sdpa")
     ids = tokenizer(austen_text(), return_tensors="pt").input_ids
@@ -159,8 +152,7 @@ def main(argv=None) -> int:
                "chunk_size": dca_cfg.chunk_size if method == "dca" else "",
                "local_window": dca_cfg.local_window if method == "dca" else ""}
         tqdm.write(f"{method:5s} {n:6d} window {k}: ppl {ppl:.3f} (last 2K {last:.3f}) in {row['seconds']} s")
-        with csv_path.open("a", newline="") as f:
-            csv.DictWriter(f, FIELDS).writerow(row)
+        append_result(csv_path, FIELDS, row)
         rows.append(row)
         write_outputs(rows, args.out)
     write_outputs(rows, args.out)

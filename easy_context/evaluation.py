@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from .comm import all_reduce_sum
 from .data import prepare_seq_parallel_inputs
-from .loss import IGNORE_INDEX, chunked_cross_entropy_sum
+from .loss import chunked_cross_entropy_sum
 from .methods import get_method
 
 __all__ = [

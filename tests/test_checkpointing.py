@@ -8,7 +8,6 @@ by those of one forward pass is the number of attention forwards per layer per s
 import warnings
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from distributed import run_distributed

@@ -85,6 +85,7 @@ class RingAttention(torch.autograd.Function):
         world, rank, local_len = kv_comm.world_size, kv_comm.rank, q.shape[2]
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         k_cur, v_cur = k, v
+        dk_acc = dv_acc = None  # the accumulators arriving with the next block
         for step in range(world):
             if step + 1 < world:
                 k_next, v_next = kv_comm.start([k_cur, v_cur])
