@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 ACCELERATE=${ACCELERATE:-.venv/bin/accelerate}
-OUT=${OUT:-outputs/cpu_demo}
+OUT=${OUT:-outputs/cpu_demo-$(date +%Y%m%d-%H%M%S)}  # a new folder each run: earlier runs are kept
 STEPS=${STEPS:-30}
 export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
@@ -19,7 +19,6 @@ THETA=$($PY -m easy_context.training rope-base --formula scaling-law \
     --original-base 1e5 --original-length 8192 --target-length 32768)
 echo "RoPE base: 1e5 -> $THETA (scaling-law formula, 8K -> 32K)"
 
-rm -rf "$OUT"
 start=$(date +%s)
 $ACCELERATE launch --config_file accelerate_configs/cpu_2proc.yaml train.py \
     --model smollm2 --num-layers 2 \
