@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from easy_context import apply_seq_parallel_monkey_patch  # noqa: E402
-from easy_context.assets import austen_text, have_assets, load_smollm2  # noqa: E402
-from results_csv import append_result, open_results  # noqa: E402
+from common import append_result, start_run  # noqa: E402
+from easy_context.assets import austen_text, load_smollm2  # noqa: E402
 
 FIELDS = ["method", "length", "depth", "prompt_tokens", "passkey", "found", "answer", "seconds"]
 INSTRUCTION = ("There is a pass key hidden inside a long text. Find it and memorize it. I will ask you about the pass "
@@ -128,15 +128,9 @@ def write_outputs(rows, out: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not have_assets():
-        print("assets missing: run `python -m easy_context.assets fetch` first", file=sys.stderr)
-        return 2
+    csv_path, rows = start_run(args, "dca_passkey", FIELDS)
     from tqdm import tqdm
 
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    csv_path = args.out / "dca_passkey.csv"
-    rows = open_results(csv_path, FIELDS, args.resume)
     done = {(r["method"], int(r["length"]), float(r["depth"])) for r in rows}
 
     model, tokenizer = load_smollm2(torch.float32, attn_implementation="sdpa")

@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from easy_context import apply_seq_parallel_monkey_patch, chunked_cross_entropy_sum  # noqa: E402
-from easy_context.assets import austen_text, have_assets, load_smollm2  # noqa: E402
-from results_csv import append_result, open_results  # noqa: E402
+from common import append_result, start_run  # noqa: E402
+from easy_context.assets import austen_text, load_smollm2  # noqa: E402
 
 FIELDS = ["method", "length", "window", "start_token", "ppl", "ppl_last2k", "tokens", "seconds",
           "pretraining_length", "chunk_size", "local_window"]
@@ -110,15 +110,9 @@ def write_outputs(rows, out: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not have_assets():
-        print("assets missing: run `python -m easy_context.assets fetch` first", file=sys.stderr)
-        return 2
+    csv_path, rows = start_run(args, "dca_perplexity", FIELDS)
     from tqdm import tqdm
 
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    csv_path = args.out / "dca_perplexity.csv"
-    rows = open_results(csv_path, FIELDS, args.resume)
     done = {(r["method"], int(r["length"]), int(r["window"])) for r in rows}
 
     model, tokenizer = load_smollm2(torch.float32, attn_implementation="sdpa")
