@@ -40,4 +40,13 @@ __all__ = [
     "replace_with_chunkllama",
     "available_methods",
     "get_method",
+    "SeqParallelTrainer",
 ]
+
+
+def __getattr__(name):
+    if name == "SeqParallelTrainer":  # imported on first use: transformers.Trainer is heavy to import
+        from .trainer import SeqParallelTrainer
+
+        return SeqParallelTrainer
+    raise AttributeError(f"module 'easy_context' has no attribute {name!r}")

@@ -7,7 +7,8 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
-from .comm import group_size
+from .checks import positions_restart
+from .comm import group_rank, group_size
 from .layout import padded_length
 from .loss import IGNORE_INDEX
 from .mesh import get_sequence_parallel_group
@@ -46,13 +47,19 @@ def prepare_seq_parallel_inputs(
     pad: bool = False,
     pad_to_multiple_of: Optional[int] = None,
     pad_token_id: int = 0,
+    group=None,
 ) -> Dict[str, torch.Tensor]:
     """This rank's share of a ``(B, S)`` batch, as EasyContext returns it.
 
     Returns ``local_input_ids``, ``local_position_ids`` (global positions, so rotary embeddings rotate each token by
     its true position) and ``local_target_ids``. ``rank``/``world_size`` are the rank and size of the
     *sequence-parallel* group. The sequence length must be divisible by the method's layout multiple; ``pad=True``
-    (or ``pad_to_multiple_of``) pads at the end with ``-100`` targets instead of raising.
+    (or ``pad_to_multiple_of``) pads at the end with ``-100`` targets instead of raising. ``group``, when given, is
+    the sequence-parallel group, and ``rank``/``world_size`` must be this process's rank in it and its size.
+
+    Refused with an error that names the fix: a rank outside ``world_size``, ``world_size > 1`` with no process group,
+    a ``world_size`` larger than the process group, and ``position_ids`` that restart inside a row (packed documents).
+    The attention checks the rest at the first layer of every forward (:func:`easy_context.checks.check_shards`).
     """
     method = get_method(seq_algo)
     if input_ids.dim() != 2:
@@ -68,9 +75,13 @@ def prepare_seq_parallel_inputs(
         )
     layout = method.layout
     if layout is not None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside the group of {world_size}: pass the rank and size of the "
-                             "sequence-parallel group")
+        _check_rank_and_size(method.name, rank, world_size, group)
+        if positions_restart(position_ids):
+            raise ValueError(
+                f"position_ids do not count up by one inside the sequence (packed documents restart them): {method.name} computes one causal "
+                "span per row, so packed documents would attend to each other. Pack without resetting positions "
+                "(position_ids=None), or put one document per row"
+            )
         multiple = layout.multiple(world_size)
         if pad_to_multiple_of is not None and pad_to_multiple_of % multiple:
             raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of} is not a multiple of {multiple}, which "
@@ -88,6 +99,29 @@ def prepare_seq_parallel_inputs(
         "local_position_ids": to(position_ids),
         "local_target_ids": to(target_ids),
     }
+
+
+def _check_rank_and_size(name: str, rank: int, world_size: int, group) -> None:
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank!r} is outside the group of {world_size}: pass the rank and size of the "
+                         "sequence-parallel group")
+    if not (dist.is_available() and dist.is_initialized()):
+        if world_size > 1:
+            raise ValueError(
+                f"{name}: world_size={world_size} but torch.distributed is not initialised, so the attention would "
+                "run on one process over a fraction of the sequence: launch with torchrun or accelerate launch (or "
+                "call torch.distributed.init_process_group) before sharding, or pass rank=0, world_size=1"
+            )
+        return
+    if group is not None:
+        if (world_size, rank) != (group_size(group), group_rank(group)):
+            raise ValueError(f"{name}: rank={rank}, world_size={world_size} do not match the group given (rank "
+                             f"{group_rank(group)} of {group_size(group)}): pass the group's own rank and size")
+    elif world_size > dist.get_world_size():
+        raise ValueError(f"{name}: world_size={world_size} is larger than the {dist.get_world_size()} processes of "
+                         "torch.distributed: pass the size of the sequence-parallel group")
 
 
 def gather_seq_parallel(local: torch.Tensor, seq_algo, dim: int = 1, group=None) -> torch.Tensor:

@@ -392,9 +392,13 @@ def test_family_name_patch_and_chunkllama_alias():
     replace_with_chunkllama(pretraining_length=L_TINY, model=instance)
     name = apply_seq_parallel_monkey_patch("dca", "llama", pretraining_length=L_TINY)
     assert name == "dca"
-    config = LlamaConfig(**{**instance.config.to_dict(), "attn_implementation": "dca"})
-    torch.manual_seed(0)
-    by_family = LlamaForCausalLM(config).eval()
+    try:
+        config = LlamaConfig(**{**instance.config.to_dict(), "attn_implementation": "sdpa"})
+        torch.manual_seed(0)
+        by_family = LlamaForCausalLM(config).eval()
+        assert by_family.config._attn_implementation == "dca"
+    finally:
+        apply_seq_parallel_monkey_patch("data_parallel", "llama")
     by_family.load_state_dict(instance.state_dict())
     ids = _ids(150, seed=5)
     with torch.no_grad():
@@ -424,10 +428,8 @@ def test_error_padding_mask():
 
 def test_error_sliding_window():
     model = tiny_model("mistral", sliding_window=16)
-    apply_seq_parallel_monkey_patch("dca", model, pretraining_length=L_TINY)
-    model(_ids(16))
-    with pytest.raises(ValueError, match="sliding window"):
-        model(_ids(40))
+    with pytest.raises(ValueError, match="dca .*sliding-window attention.*sliding_window=None"):
+        apply_seq_parallel_monkey_patch("dca", model, pretraining_length=L_TINY)
 
 
 def test_error_sequence_parallel_shard():

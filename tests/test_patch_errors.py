@@ -27,10 +27,17 @@ def test_data_parallel_is_a_no_op():
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_family_name_registers_the_implementation_for_later_models():
+def test_family_name_switches_later_models_of_that_family_only():
+    ref = _forward(tiny_model("mistral")).logits
     name = ec.apply_seq_parallel_monkey_patch("ring_attn", "mistral")
-    model = tiny_model("mistral", attn_implementation=name)
-    assert rel_err(_forward(model).logits, _forward(tiny_model("mistral")).logits) <= FP32_TOL
+    try:
+        model = tiny_model("mistral", attn_implementation="eager")
+        assert model.config._attn_implementation == name
+        assert tiny_model("llama").config._attn_implementation == "sdpa"
+        assert rel_err(_forward(model).logits, ref) <= FP32_TOL
+    finally:
+        ec.apply_seq_parallel_monkey_patch("data_parallel", "mistral")
+    assert tiny_model("mistral").config._attn_implementation == "sdpa"
 
 
 def test_unknown_method_and_family():
@@ -44,13 +51,14 @@ def test_unknown_method_and_family():
         ec.apply_seq_parallel_monkey_patch("ring_attn", tiny_model("llama"), chunk_size=4)
 
 
-def test_sliding_window_shorter_than_the_sequence_is_refused():
+def test_sliding_window_is_refused_at_patch_time():
     model = tiny_model("mistral", sliding_window=16)
-    ec.apply_seq_parallel_monkey_patch("zigzag_ring_attn", model)
-    with pytest.raises(ValueError, match="sliding window of 16 tokens, shorter than the sequence \\(32 tokens\\)"):
-        _forward(model)
-    # A window that covers the whole sequence changes nothing, so it is allowed.
-    wide = tiny_model("mistral", sliding_window=64)
+    with pytest.raises(ValueError, match="sliding-window attention \\(sliding_window=16 on layers 0, 1\\).*"
+                                         "sliding_window=None"):
+        ec.apply_seq_parallel_monkey_patch("zigzag_ring_attn", model)
+    assert model.config._attn_implementation == "sdpa"  # refused: the model is left as it was
+    # A window as long as the model's positions never binds, so it is allowed.
+    wide = tiny_model("mistral", sliding_window=4096)
     ref = _forward(wide).logits
     ec.apply_seq_parallel_monkey_patch("zigzag_ring_attn", wide)
     assert rel_err(_forward(wide).logits, ref) <= FP32_TOL

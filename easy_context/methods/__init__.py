@@ -8,6 +8,8 @@ A :class:`Method` is everything the rest of the package needs to know about one 
 * ``hf_attention``: a ready function for transformers' ``AttentionInterface``, for methods that need more than the
   schedule (Dual Chunk Attention reads positions and the KV cache); ``None`` means :mod:`easy_context.patch` wraps
   ``attention`` in the standard adapter;
+* ``bind``: for methods with options (``usp_attn``'s ``ulysses_degree``), ``bind(model, group=..., **options)``
+  returns the method with its options bound for one model; ``None`` means the method takes no options;
 * ``check``: validates head counts and world size up front, so errors name the fix rather than failing mid-ring.
 
 Method modules register themselves with :func:`register` when imported below; nothing else switches on names.
@@ -30,6 +32,7 @@ class Method:
     layout: Optional[Layout] = None
     attention: Optional[Callable] = None
     hf_attention: Optional[Callable] = None
+    bind: Optional[Callable] = None
     causal_only: bool = False
     check: Optional[Callable[..., None]] = None
     # For the README's methods table: what crosses the wire per attention layer, forward.

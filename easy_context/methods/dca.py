@@ -55,7 +55,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 
 from ..kernels import block_attention, block_attention_backward, merge
-from ..patch import reject_unsupported_features
+from ..checks import reject_unsupported_features
 from . import Method, register
 
 __all__ = [

@@ -131,30 +131,24 @@ def _check(*, num_heads: int, num_kv_heads: int, world_size: int, ulysses_degree
     resolve_ulysses_degree(num_heads, num_kv_heads, world_size, ulysses_degree)
 
 
-def _hf_attention(model, ulysses_degree: Optional[int] = None, **unknown):
-    """``apply_seq_parallel_monkey_patch`` hook: the standard adapter with ``ulysses_degree`` bound."""
+def _bind(model, group=None, ulysses_degree: Optional[int] = None, **unknown) -> Method:
+    """``apply_seq_parallel_monkey_patch`` hook: ``usp_attn`` with ``ulysses_degree`` bound for one model."""
     if unknown:
         raise TypeError(f"usp_attn takes only the option ulysses_degree, got {sorted(unknown)}")
-    from ..patch import _no_mask, sp_attention_forward
-
     if ulysses_degree is not None and model is not None:  # a bad degree fails now, not at the first forward
-        from ..mesh import sequence_parallel_size
+        from ..mesh import get_sequence_parallel_group
 
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         heads = config.num_attention_heads
         _check(num_heads=heads, num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-               world_size=sequence_parallel_size(), ulysses_degree=ulysses_degree)
-    bound = dataclasses.replace(
+               world_size=group_size(get_sequence_parallel_group() if group is None else group),
+               ulysses_degree=ulysses_degree)
+    return dataclasses.replace(
         get_method("usp_attn"),
         attention=functools.partial(usp_attn, ulysses_degree=ulysses_degree),
         check=functools.partial(_check, ulysses_degree=ulysses_degree),
-        hf_attention=None,
+        bind=None,
     )
-
-    def attention_fn(*args, **kwargs):
-        return sp_attention_forward(bound, *args, **kwargs)
-
-    return attention_fn, _no_mask(bound.name)
 
 
 USP = register(
@@ -163,7 +157,7 @@ USP = register(
         description="Ulysses inside groups of U consecutive ranks, zigzag ring across the P/U groups (U·R = P)",
         layout=ZIGZAG,
         attention=usp_attn,
-        hf_attention=_hf_attention,
+        bind=_bind,
         check=_check,
         communication="Ulysses part: 4 all-to-alls of a local S·H·D/P tensor within U ranks; ring part: K/V of "
                       "2·S·max(H_kv,U)·D/P per send, R-1 sends (R = P/U)",
