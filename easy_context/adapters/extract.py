@@ -43,12 +43,30 @@ PEFT_PREFIX = "base_model.model."
 
 #: Singular values below this fraction of a module's largest are treated as zero (float32 rounding of ΔW).
 SV_FLOOR = 1e-6
-#: Bytes of float64 per block of rows when streaming over ΔW.
-BLOCK_BYTES = 8 * 2**20
+#: Bytes per block of rows when streaming over ΔW.
+BLOCK_BYTES = 2 * 2**20
 
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def _load_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_trim()
+
+
+def _trim() -> None:
+    """Give freed heap memory back to the system (glibc keeps freed blocks below its mmap threshold)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -65,6 +83,12 @@ class LowRank:
     energy: float  # kept fraction of ||ΔW||_F²
     rel_residual: float  # ||ΔW - B A||_F / ||ΔW||_F
     max_abs_residual: float  # max |ΔW - B A|
+
+
+def _block(X: torch.Tensor, i: int, j: int, device) -> torch.Tensor:
+    """Rows i:j of X as a contiguous float64 tensor on ``device``."""
+    out = torch.empty((j - i, X.shape[1]), dtype=torch.float64, device=device)
+    return out.copy_(X[i:j])
 
 
 def _blocks(rows: int, cols: int):
@@ -87,7 +111,7 @@ def truncated_svd(delta: torch.Tensor, max_rank: int, energy: Optional[float] = 
     M, N = X.shape
     G = torch.zeros(N, N, dtype=torch.float64, device=device)
     for i, j in _blocks(M, N):
-        blk = X[i:j].to(device=device, dtype=torch.float64)
+        blk = _block(X, i, j, device)
         G.addmm_(blk.t(), blk)
     total = float(G.diagonal().sum())
     if total == 0.0:
@@ -106,15 +130,19 @@ def truncated_svd(delta: torch.Tensor, max_rank: int, energy: Optional[float] = 
     del evecs
     U = torch.empty(M, rank, dtype=torch.float64, device=device)
     for i, j in _blocks(M, N):
-        U[i:j] = X[i:j].to(device=device, dtype=torch.float64) @ V
+        U[i:j] = _block(X, i, j, device) @ V
     U /= s_r
+    _trim()
     # The residual, exactly, block by block: ΔW - U diag(s) Vᵀ.
     sq, worst = 0.0, 0.0
     Vs = (V * s_r).t()  # (r, N)
     for i, j in _blocks(M, N):
-        r = X[i:j].to(device=device, dtype=torch.float64) - U[i:j] @ Vs
-        sq += float((r * r).sum())
-        worst = max(worst, float(r.abs().max()))
+        r = _block(X, i, j, device)
+        r.addmm_(U[i:j], Vs, alpha=-1.0)
+        lo, hi = torch.aminmax(r)
+        worst = max(worst, -float(lo), float(hi))
+        r = r.view(-1)
+        sq += float(torch.dot(r, r))
     root = s_r.sqrt()
     left, right = (U * root), (V * root).t()  # X ≈ left @ right
     if transposed:  # delta = Xᵀ ≈ rightᵀ @ leftᵀ
@@ -222,18 +250,20 @@ class _Sources:
                                f"its config describes")
 
     def delta(self, name: str):
-        """``(tuned - base in float32, ||base||_F)``; the base is read in blocks of rows and subtracted in place."""
+        """``(tuned - base in float32, ||base||_F, changed)``; the base is read in blocks of rows and subtracted
+        in place, so the only full-size tensor is the result."""
         b, t = self.names(name)
         out = self.tuned.read(t, torch.float32)
         rows = out.shape[0] if out.dim() else 1
         flat = out.view(rows, -1) if out.dim() else out.view(1, 1)
-        sq = 0.0
-        step = max(1, BLOCK_BYTES // (4 * max(flat.shape[1], 1)))
+        sq, changed = 0.0, False
+        step = max(1, BLOCK_BYTES // (8 * max(flat.shape[1], 1)))
         for i in range(0, rows, step):
             blk = self.base.read_rows(b, i, i + step, torch.float32).view(-1, flat.shape[1])
-            sq += float(blk.double().pow(2).sum())
+            sq += float(torch.linalg.vector_norm(blk, dtype=torch.float64)) ** 2
+            changed = changed or not torch.equal(flat[i:i + blk.shape[0]], blk)
             flat[i:i + blk.shape[0]] -= blk
-        return out, sq ** 0.5
+        return out, sq ** 0.5, changed
 
     def changed(self, name: str) -> bool:
         b, t = self.names(name)
@@ -276,12 +306,8 @@ def extract_lora(base, tuned, out, rank: int, *, energy: Optional[float] = None,
     specs = module_specs(meta_model(tuned_cfg))
     base_ties, tuned_ties = tied_map(module_specs(meta_model(base_cfg))), tied_map(specs)
 
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise AdapterError(f"{out} exists and is not empty: choose a new folder or pass --overwrite")
-        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, REPORT, lc.SIDECAR):
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise AdapterError(f"{out} exists and is not empty: choose a new folder or pass --overwrite")
 
     ckpt_b, ckpt_t = Checkpoint(base), Checkpoint(tuned)
     src = _Sources(ckpt_b, ckpt_t, base_ties, tuned_ties)
@@ -295,6 +321,10 @@ def extract_lora(base, tuned, out, rank: int, *, energy: Optional[float] = None,
             if not src.tied_in_both(full):
                 src.check_shape(full, shape)
 
+    if out.exists():
+        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, REPORT, lc.SIDECAR):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     spill = _Spill(out)
     modules: List[dict] = []
     lora_ranks: Dict[str, int] = {}
@@ -328,10 +358,9 @@ def extract_lora(base, tuned, out, rank: int, *, energy: Optional[float] = None,
             carries_tie = any(spec.full(p) in set(tuned_ties.values()) for p in own)
 
             if spec.kind in ("linear", "embedding") and "weight" in own:
-                delta, base_norm = src.delta(spec.full("weight"))
+                delta, base_norm, weight_changed = src.delta(spec.full("weight"))
                 has_bias = "bias" in own
                 this_bias_changed = has_bias and src.changed(spec.full("bias"))
-                weight_changed = bool(delta.any())
                 if not weight_changed and not this_bias_changed:
                     entry["action"] = "unchanged"
                     continue
@@ -343,8 +372,9 @@ def extract_lora(base, tuned, out, rank: int, *, energy: Optional[float] = None,
                     tied_change |= carries_tie
                     continue
                 low = truncated_svd(delta, rank, energy, device)
-                delta_norm = float(delta.double().norm())
                 del delta
+                _trim()
+                delta_norm = low.total_energy ** 0.5
                 key = PEFT_PREFIX + spec.name
                 if spec.kind == "linear":
                     spill.add(f"{key}.lora_A.weight", low.A.to(out_dtype))
