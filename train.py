@@ -10,7 +10,7 @@ Reads top to bottom: options, processes, data, model, optimizer, resume, the loo
 lives in easy_context/training.py.
 """
 
-import argparse
+import datetime
 import json
 import os
 import time
@@ -22,43 +22,57 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, get_constant_schedule_with_warmup
 
 import easy_context as ec
+from easy_context import cli
 from easy_context import training as T
+from easy_context.cli import float_range, int_range
 from easy_context.loss import global_sum
 
 # ---------------------------------------------------------------------------------------------------- options
-parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser = cli.Parser(description=__doc__.split("\n")[0], epilog="Options also take underscores (--parallel_mode); "
+                    "the names shared by every script are in docs/cli.md.")
 parser.add_argument("--model", default="tiny", help="'tiny' (a 2-layer Llama), 'smollm2', or a folder/hub name")
-parser.add_argument("--num-layers", type=int, default=None, help="keep only the first N decoder layers")
-parser.add_argument("--tokenizer", default=None, help="default: the model's own (SmolLM2's for 'tiny')")
+parser.add_argument("--num-layers", type=int_range(1), default=None, help="keep only the first N decoder layers")
+parser.add_argument("--tokenizer", default=None, help="unset: the model's own (SmolLM2's for 'tiny')")
 parser.add_argument("--dataset", default="austen", help="'austen', a .txt/.jsonl/.arrow/.parquet path, or a HF name")
-parser.add_argument("--text-field", default="text")
+parser.add_argument("--text-field", default="text", help="the text field of .jsonl and datasets sources")
 parser.add_argument("--no-pack", action="store_true", help="one document per sample (padded) instead of packing")
 parser.add_argument("--reset-position-ids", action="store_true", help="positions restart at each document start "
                     "and attention is masked across documents (data_parallel only)")
-parser.add_argument("--seq-length", type=int, default=2048)
+parser.add_argument("--seq-length", type=int_range(1), default=2048, help="tokens per training sequence")
 parser.add_argument("--pad-to-multiple", action="store_true", help="pad samples to the length the method needs")
 parser.add_argument("--parallel-mode", default="zigzag_ring_attn", choices=ec.available_methods())
-parser.add_argument("--sp-size", type=int, default=None, help="sequence-parallel group size (default: all processes)")
-parser.add_argument("--rope-theta", type=float, default=None, help="new RoPE base (see python -m "
-                    "easy_context.training rope-base)")
-parser.add_argument("--batch-size", type=int, default=1, help="sequences per data-parallel group per micro-step")
-parser.add_argument("--grad-accum", "--gradient-accumulate-every", type=int, default=1)
-parser.add_argument("--learning-rate", "--lr", type=float, default=2e-5)
-parser.add_argument("--warmup-steps", type=int, default=0)
-parser.add_argument("--weight-decay", type=float, default=0.0)
-parser.add_argument("--max-grad-norm", type=float, default=1.0)
-parser.add_argument("--steps", "--max-train-steps", type=int, default=100)
-parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--loss-chunk-size", type=int, default=4096, help="tokens per lm_head + cross-entropy chunk")
+parser.add_argument("--sp-size", type=int_range(1), default=None, help="sequence-parallel group size (none: all)")
+parser.add_argument("--rope-theta", type=float_range(0, lo_open=True), default=None, help="new RoPE base")
+parser.add_argument("--batch-size", type=int_range(1), default=1, help="sequences per replica per micro-step")
+parser.add_argument("--grad-accum", "--gradient-accumulate-every", type=int_range(1), default=1,
+                    help="micro-steps per optimizer step")
+parser.add_argument("--learning-rate", "--lr", type=float_range(0), default=2e-5)
+parser.add_argument("--warmup-steps", type=int_range(0), default=0)
+parser.add_argument("--weight-decay", type=float_range(0), default=0.0)
+parser.add_argument("--max-grad-norm", type=float_range(0), default=1.0, help="gradient clipping; 0: none")
+parser.add_argument("--steps", "--max-train-steps", type=int_range(1), default=100, help="optimizer steps")
+parser.add_argument("--seed", type=int_range(0), default=0)
+parser.add_argument("--loss-chunk-size", type=int_range(1), default=4096, help="tokens per lm_head+loss chunk")
 parser.add_argument("--checkpointing", choices=T.CHECKPOINTING, default="full", help="activation checkpointing: "
                     "whole layers, 'remat' (recompute up to the attention output), or none")
-parser.add_argument("--output-dir", default="outputs/run")
-parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-parser.add_argument("--resume", default=None, help="a checkpoint folder, or an output folder to resume its latest")
-parser.add_argument("--stop-at", type=int, default=None, help="stop after this step, as if interrupted (tests)")
+parser.add_argument("--output-dir", default="outputs/run", help="checkpoints, log.jsonl and the final model; "
+                    "locked while the run lasts")
+parser.add_argument("--save-every", "--checkpointing-steps", type=int_range(0), default=0, help="checkpoint every "
+                    "N steps (0: only at --stop-at)")
+parser.add_argument("--keep-checkpoints", type=int_range(1), default=2, help="newest checkpoints of this run kept")
+parser.add_argument("--resume", "--resume-from-checkpoint", nargs="?", const="", default=None, metavar="PATH",
+                    help="continue a run: its output folder (newest intact checkpoint) or a checkpoint-<step> "
+                    "folder; alone: --output-dir")
+parser.add_argument("--overwrite", action="store_true", help="start afresh in an --output-dir that holds a "
+                    "previous run, moving it into <output-dir>/previous/<time>/ (nothing is deleted)")
+parser.add_argument("--stop-at", type=int_range(1), default=None, help="stop after this step, as if interrupted")
+parser.add_argument("--dist-timeout", type=float_range(0, lo_open=True), default=cli.DEFAULT_DIST_TIMEOUT,
+                    metavar="SECONDS", help="how long a process waits for the others before the run stops")
 parser.add_argument("--wandb", default=None, metavar="PROJECT", help="log to Weights & Biases")
 parser.add_argument("--tensorboard", action="store_true", help="log to TensorBoard under --output-dir")
 args = parser.parse_args()
+args.resume = args.output_dir if args.resume == "" else args.resume
+cli.install_error_handler("train.py", dist_timeout=args.dist_timeout, cleanup=T.release_locks)
 
 # ---------------------------------------------------------------------------------------------------- processes
 trackers = (["wandb"] if args.wandb else []) + (["tensorboard"] if args.tensorboard else [])
@@ -68,17 +82,16 @@ deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
 accelerator = Accelerator(
     cpu=not (torch.cuda.is_available() or deepspeed), gradient_accumulation_steps=args.grad_accum,
     log_with=trackers or None, project_dir=args.output_dir,
-    kwargs_handlers=[InitProcessGroupKwargs(backend="nccl" if torch.cuda.is_available() else "gloo")] * launched)
-try:  # every option error is reported before anything heavy runs
+    kwargs_handlers=[InitProcessGroupKwargs(backend="nccl" if torch.cuda.is_available() else "gloo",
+                                            timeout=datetime.timedelta(seconds=args.dist_timeout))] * launched)
+with cli.user_errors():  # every option error is reported before anything heavy runs
     sp_size = T.check_parallel_options(args.parallel_mode, accelerator.num_processes, args.sp_size,
                                        args.seq_length, args.pad_to_multiple, args.reset_position_ids)
+    run = T.start_run(accelerator, args.output_dir, resume=args.resume, overwrite=args.overwrite)  # the lock
     documents = T.load_documents(args.dataset, args.text_field)
-except (ValueError, FileNotFoundError) as err:
-    parser.error(str(err))
-dp_rank, dp_size, sp_rank = T.setup_sequence_parallel(args.parallel_mode, sp_size)
+dp_rank, dp_size, sp_rank = T.setup_sequence_parallel(args.parallel_mode, sp_size, timeout=args.dist_timeout)
 set_seed(args.seed)
 if accelerator.is_main_process:
-    os.makedirs(args.output_dir, exist_ok=True)
     print(f"{accelerator.num_processes} processes = {dp_size} data-parallel x {sp_size} sequence-parallel "
           f"({args.parallel_mode}), {accelerator.distributed_type.value} on {accelerator.device}", flush=True)
 
@@ -86,16 +99,21 @@ if accelerator.is_main_process:
 model_dir = T.model_path(args.model) if args.model != "tiny" else None
 tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model_dir or T.model_path("smollm2"))
 pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-data = T.pack_documents(T.tokenize_documents(documents, tokenizer), args.seq_length, tokenizer.eos_token_id, pad_id,
-                        pack=not args.no_pack, reset_position_ids=args.reset_position_ids)
+tokens = T.tokenize_documents(documents, tokenizer)
+data = T.pack_documents(tokens, args.seq_length, tokenizer.eos_token_id, pad_id, pack=not args.no_pack,
+                        reset_position_ids=args.reset_position_ids)
 num_samples, global_batch = len(data["input_ids"]), args.batch_size * dp_size * args.grad_accum
 if accelerator.is_main_process:
     print(f"data: {num_samples} samples of {args.seq_length} tokens from {args.dataset}; "
           f"{global_batch} samples per step", flush=True)
-
-# ---------------------------------------------------------------------------------------------------- model
+T.warn_padding(tokens, num_samples, args.seq_length, args.parallel_mode, sp_size, args.pad_to_multiple)
 zero3 = accelerator.distributed_type == DistributedType.DEEPSPEED and \
     accelerator.state.deepspeed_plugin.zero_stage == 3
+signature = T.run_signature(args, accelerator, dp_size, sp_size, data)  # what a resume must keep
+if args.resume is not None:  # verified and compared with these options before anything heavy runs
+    resume_folder, resume_step = T.check_resume(accelerator, run, args.resume, signature, args)
+
+# ---------------------------------------------------------------------------------------------------- model
 model = T.build_model(args.model, vocab_size=len(tokenizer), seq_length=args.seq_length, rope_theta=args.rope_theta,
                       num_layers=args.num_layers, seed=args.seed)
 ec.apply_seq_parallel_monkey_patch(args.parallel_mode, model)
@@ -115,9 +133,9 @@ if trackers:
 
 # ---------------------------------------------------------------------------------------------------- resume
 start_step = 0
-if args.resume:
-    start_step = T.load_checkpoint(accelerator, args.resume)["step"]
-    accelerator.print(f"resumed from {T.latest_checkpoint(args.resume)} at step {start_step}")
+if args.resume is not None:  # also cuts log.jsonl back to the checkpoint's step
+    start_step = T.load_resume(accelerator, run, resume_folder, resume_step)
+    accelerator.print(f"resumed from {resume_folder} at step {start_step}")
 
 # ---------------------------------------------------------------------------------------------------- training
 log_path = os.path.join(args.output_dir, "log.jsonl")
@@ -142,7 +160,8 @@ for step in progress:
             # of the sum all-reduces, and DDP/DeepSpeed average the gradients (see easy_context/loss.py).
             loss = global_sum(loss_sum) / step_count.to(loss_sum.device, torch.float32)
             accelerator.backward(loss * args.grad_accum)  # accelerate/DeepSpeed divide by grad_accum again
-            if accelerator.sync_gradients and accelerator.distributed_type != DistributedType.DEEPSPEED:
+            if accelerator.sync_gradients and accelerator.distributed_type != DistributedType.DEEPSPEED \
+                    and args.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(wrapped.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
@@ -163,8 +182,8 @@ for step in progress:
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.stop_at:
-        path = T.save_checkpoint(accelerator, args.output_dir, step + 1,
-                                 {"data_position": (step + 1) * global_batch, "args": vars(args)})
+        path = T.save_checkpoint(accelerator, args.output_dir, step + 1, {"data_position": (step + 1) * global_batch,
+                                 "args": vars(args), "run": signature}, args.keep_checkpoints, run.run_id)
         accelerator.print(f"checkpoint saved to {path}")
     if step + 1 == args.stop_at:
         break

@@ -32,6 +32,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from .cli import UserError
 from .comm import all_reduce_sum
 from .data import prepare_seq_parallel_inputs
 from .loss import chunked_cross_entropy_sum
@@ -41,11 +42,25 @@ __all__ = [
     "PLAIN",
     "ModelSpec",
     "parse_model_spec",
+    "add_common_options",
+    "check_lengths",
     "Runtime",
     "init_runtime",
     "shutdown_runtime",
     "resolve_dtype",
     "load_model",
+    "load_config",
+    "load_tokenizer",
+    "file_sha256",
+    "config_fingerprint",
+    "weights_fingerprint",
+    "tokenizer_fingerprint",
+    "tokens_fingerprint",
+    "model_identity",
+    "result_key",
+    "unique_labels",
+    "TokenSamples",
+    "PplResults",
     "token_lengths",
     "read_text_folder",
     "load_token_samples",
@@ -145,6 +160,42 @@ def parse_model_spec(text: str, default_path: Optional[str] = None) -> ModelSpec
     return ModelSpec(path=path, method=method.name, options=options)
 
 
+def add_common_options(parser, *, min_tokens: int, max_tokens: int, tokens_step: int) -> None:
+    """The options ``eval_ppl.py`` and ``eval_needle.py`` share, under one name each (docs/cli.md), with
+    EasyContext's spellings as aliases."""
+    from .cli import DEFAULT_DIST_TIMEOUT, float_range, int_range
+
+    parser.add_argument("-m", "--model", action="append", dest="models", metavar="SPEC",
+                        help="model spec [PATH][@METHOD[:KEY=VALUE,...]], repeatable; METHOD is plain (default), a "
+                        "sequence-parallel method (zigzag_ring_attn, ring_attn, ...) or dca with its options, e.g. "
+                        "@dca:pretraining_length=8192. Unset: the embedded SmolLM2-135M, plain")
+    parser.add_argument("--min-tokens", "--min-context-length", type=int_range(2), default=min_tokens,
+                        help="shortest context length")
+    parser.add_argument("--max-tokens", "--max-context-length", type=int_range(2), default=max_tokens,
+                        help="longest context length")
+    parser.add_argument("--tokens-step", "--context-interval", type=int_range(1), default=tokens_step,
+                        help="length step")
+    parser.add_argument("--lengths", type=int_range(2), nargs="+", help="explicit lengths (overrides min/max/step)")
+    parser.add_argument("--samples", "--num-samples", type=int_range(1), default=1,
+                        help="sequences (perplexity) or trials (needle) per length")
+    parser.add_argument("--rope-theta", type=float_range(0, lo_open=True), default=None,
+                        help="RoPE base given to every model (unset: each model's own)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: float32 on CPU, bfloat16 on GPU")
+    parser.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
+    parser.add_argument("--dist-timeout", type=float_range(0, lo_open=True), default=DEFAULT_DIST_TIMEOUT,
+                        metavar="SECONDS", help="how long a process waits for the others before the run stops")
+
+
+def check_lengths(args) -> List[int]:
+    """The lengths of ``args`` (see :func:`token_lengths`), or a :class:`UserError` naming the options."""
+    try:
+        return token_lengths(args.min_tokens, args.max_tokens, args.tokens_step, args.lengths)
+    except ValueError:
+        raise UserError(f"--min-tokens {args.min_tokens} is above --max-tokens {args.max_tokens}: swap them, or "
+                        "pass --lengths") from None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Processes and loading
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,18 +226,22 @@ class Runtime:
         return out
 
 
-def init_runtime(cpu: Optional[bool] = None) -> Runtime:
+def init_runtime(cpu: Optional[bool] = None, timeout: Optional[float] = None) -> Runtime:
     """Join the process group set up by ``accelerate launch`` / ``torchrun`` (from ``WORLD_SIZE``, ``RANK``...).
 
     One process (no launcher) needs no process group. On CPU (no CUDA, ``--cpu`` or ``ACCELERATE_USE_CPU=true``) the
-    backend is gloo, on GPUs NCCL with one device per local rank.
+    backend is gloo, on GPUs NCCL with one device per local rank. ``timeout`` (seconds, ``--dist-timeout``) bounds
+    every wait for the other processes; a stalled or dead process then ends the run instead of hanging it.
     """
     if cpu is None:
         cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="gloo" if cpu else "nccl")
+        import datetime
+
+        kwargs = {"timeout": datetime.timedelta(seconds=timeout)} if timeout is not None else {}
+        dist.init_process_group(backend="gloo" if cpu else "nccl", **kwargs)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     if cpu:
@@ -219,21 +274,179 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtypes[name]
 
 
-def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype = torch.float32):
-    """Load ``spec.path`` as ``(model, tokenizer)`` in eval mode on ``device``, patched with ``spec.method``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_error(path: str, err: Exception) -> UserError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UserError(f"cannot load the model {path!r} ({first[:300]}): pass a folder holding a HuggingFace model "
+                     "(config.json and weights), a hub name, or leave PATH empty for the embedded SmolLM2-135M")
+
+
+def load_config(spec: ModelSpec, rope_theta: Optional[float] = None):
+    """The model's config, with ``rope_theta`` (``--rope-theta``) as its RoPE base when given."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(spec.path)
+    except (OSError, ValueError) as err:
+        raise _load_error(spec.path, err) from None
+    if rope_theta is not None:
+        from .training import set_rope_theta
+
+        set_rope_theta(config, rope_theta)
+    return config
+
+
+def load_tokenizer(spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec.path)
+    except (OSError, ValueError) as err:
+        raise _load_error(spec.path, err) from None
+
+
+def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype = torch.float32,
+               rope_theta: Optional[float] = None):
+    """Load ``spec.path`` as ``(model, tokenizer)`` in eval mode on ``device``, patched with ``spec.method``;
+    ``rope_theta`` replaces the RoPE base of the config (EasyContext's ``--rope_theta``)."""
+    from transformers import AutoModelForCausalLM
 
     from .patch import apply_seq_parallel_monkey_patch
 
-    model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(spec.path)
+    config = load_config(spec, rope_theta)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec.path, config=config, dtype=dtype).to(device).eval()
+    except (OSError, ValueError) as err:
+        raise _load_error(spec.path, err) from None
+    tokenizer = load_tokenizer(spec)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     for attr in ("final_logit_softcapping", "logit_scale"):
         if getattr(config, attr, None) not in (None, 1.0):
-            raise ValueError(f"{spec.path}: config.{attr} is set; the chunked NLL assumes logits = lm_head(hidden)")
+            raise UserError(f"{spec.path}: config.{attr} is set; the chunked NLL assumes logits = lm_head(hidden): "
+                            "evaluate another model")
     if spec.method is not None:
         apply_seq_parallel_monkey_patch(spec.method, model, **spec.options)
     return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Result keys: what a result depends on, by content
+# ---------------------------------------------------------------------------------------------------------------
+
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.h5", "*.msgpack")
+_VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "_commit_hash", "torch_dtype", "dtype",
+                    "_attn_implementation_autoset", "_attn_implementation", "attn_implementation")
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("EASY_CONTEXT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "easy_context")
+    return Path(root) / "file_sha256.json"
+
+
+def file_sha256(path) -> str:
+    """SHA-256 of a file's content, remembered (by path, size, modification time and inode) in
+    ``~/.cache/easy_context`` so large weights are read once."""
+    path = Path(path).resolve()
+    st = path.stat()
+    stamp = f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    cache_file = _cache_path()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if stamp in cache:
+        return cache[stamp]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 23), b""):
+            h.update(block)
+    cache[stamp] = h.hexdigest()
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # the cache is an optimisation only
+    return cache[stamp]
+
+
+def config_fingerprint(config) -> str:
+    """SHA-256 of a model config's content, without its name, path and versions (a copy of a model in another
+    folder has the same fingerprint)."""
+    data = config.to_dict()
+    for key in _VOLATILE_CONFIG:
+        data.pop(key, None)
+    return _sha256_text(json.dumps(data, sort_keys=True, default=str))
+
+
+def weights_fingerprint(path: str, model=None) -> str:
+    """SHA-256 over the weight files of a model folder (names within the folder and contents); for a model that is
+    not a local folder, over the loaded ``model``'s tensors."""
+    folder = Path(path)
+    files = sorted({p for pattern in _WEIGHT_FILES for p in folder.glob(pattern)}) if folder.is_dir() else []
+    h = hashlib.sha256()
+    if files:
+        for f in files:
+            h.update(f"{f.name}|{file_sha256(f)}\n".encode())
+        return h.hexdigest()
+    if model is None:
+        raise UserError(f"{path}: no weight files ({', '.join(_WEIGHT_FILES)}) to fingerprint")
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 of a tokenizer's vocabulary, merges and special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        text = backend.to_str()
+    else:
+        text = json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = json.dumps([str(tokenizer.bos_token), str(tokenizer.eos_token), getattr(tokenizer, "chat_template", None)])
+    return _sha256_text(text + extra)
+
+
+def tokens_fingerprint(samples: Sequence[torch.Tensor], length: Optional[int] = None) -> str:
+    """SHA-256 (16 hex digits) of token ids: the first ``length`` tokens of every sample (all when ``None``)."""
+    h = hashlib.sha256()
+    for sample in samples:
+        ids = sample[:length] if length is not None else sample
+        h.update(ids.to(torch.int64).contiguous().numpy().tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+def model_identity(spec: ModelSpec, tokenizer, *, dtype: torch.dtype, rope_theta: Optional[float] = None,
+                   model=None) -> dict:
+    """What a result depends on about the model: its config (with ``rope_theta``), a fingerprint of its weights,
+    its tokenizer, the attention method with its options, and the dtype. Not its folder's name."""
+    return {"config": config_fingerprint(load_config(spec, rope_theta))[:16],
+            "weights": weights_fingerprint(spec.path, model)[:16],
+            "tokenizer": tokenizer_fingerprint(tokenizer)[:16],
+            "method": spec.method or "plain", "options": {k: spec.options[k] for k in sorted(spec.options)},
+            "dtype": str(dtype).replace("torch.", ""), "rope_theta": rope_theta}
+
+
+def result_key(*parts) -> str:
+    """A 12-hex-digit key of JSON-serialisable parts."""
+    return _sha256_text(json.dumps(parts, sort_keys=True, default=str))[:12]
+
+
+def unique_labels(entries: Sequence[Tuple[str, str]]) -> Dict[str, str]:
+    """``{key: label}`` for ``(key, base label)`` pairs: the base label, with ``#<key>`` appended where two keys
+    share one."""
+    by_label: Dict[str, set] = {}
+    for key, label in entries:
+        by_label.setdefault(label, set()).add(key)
+    return {key: label if len(by_label[label]) == 1 else f"{label}#{key[:6]}" for key, label in entries}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -283,36 +496,60 @@ def _is_text_folder(path: Path) -> bool:
     return path.is_dir() and any(path.glob("*.txt")) and not (path / "dataset_info.json").exists()
 
 
+class TokenSamples(list):
+    """A list of 1-D token tensors that knows where it came from: ``source`` (a fingerprint of the text, or of the
+    dataset, split, subset and column) for result keys."""
+
+    source: str = ""
+
+
 def load_token_samples(dataset: Optional[str], tokenizer, n_samples: int, n_tokens: int, *, split: str = "test",
-                       feature: str = "input_ids") -> List[torch.Tensor]:
+                       feature: str = "input_ids", subset: Optional[str] = None) -> TokenSamples:
     """``n_samples`` 1-D token tensors of ``n_tokens`` tokens each; a length-``L`` evaluation uses their prefixes.
 
     ``dataset`` is a folder of ``.txt`` files (default: the Austen novels), whose token stream is cut into
-    consecutive windows; or a HuggingFace dataset (a ``save_to_disk`` folder or a hub name loaded with ``split``)
-    whose ``feature`` column holds token ids or text. Its first ``n_samples`` rows of at least ``n_tokens`` tokens
-    are used.
+    consecutive windows; or a HuggingFace dataset (a ``save_to_disk`` folder or a hub name loaded with ``split`` and
+    the configuration ``subset``) whose ``feature`` column holds token ids or text. Its first ``n_samples`` rows of
+    at least ``n_tokens`` tokens are used. The result's ``source`` fingerprints the text or the dataset.
     """
     if dataset is None:
         from .assets import austen_dir
 
         dataset = str(austen_dir())
     path = Path(dataset)
+    samples = TokenSamples()
     if _is_text_folder(path):
-        ids = _tokenize_prefix(read_text_folder(path), tokenizer, n_samples * n_tokens)
+        text = read_text_folder(path)
+        samples.source = "text:" + _sha256_text(text)[:16]
+        ids = _tokenize_prefix(text, tokenizer, n_samples * n_tokens)
         if len(ids) < n_samples * n_tokens:
-            raise ValueError(f"{path} has {len(ids)} tokens, fewer than {n_samples} samples × {n_tokens} tokens")
+            raise UserError(f"{path} has {len(ids)} tokens, fewer than {n_samples} samples x {n_tokens} tokens: "
+                            "lower --samples or the longest length, or add text")
         stream = torch.tensor(ids[: n_samples * n_tokens], dtype=torch.long)
-        return list(stream.view(n_samples, n_tokens))
+        samples.extend(stream.view(n_samples, n_tokens))
+        return samples
+    if path.exists() and not path.is_dir() or (path.is_dir() and not (path / "dataset_info.json").exists()
+                                               and not (path / "dataset_dict.json").exists()):
+        raise UserError(f"--dataset {dataset}: not a folder of .txt files nor a dataset saved with save_to_disk")
 
     import datasets
 
-    data = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.load_dataset(dataset, split=split)
+    try:
+        if path.is_dir():
+            data = datasets.load_from_disk(str(path))
+        else:
+            data = datasets.load_dataset(dataset, name=subset, split=split)
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as err:
+        raise UserError(f"cannot load --dataset {dataset} ({str(err).splitlines()[0][:200]}): pass a folder of "
+                        ".txt files, a save_to_disk folder or a reachable hub dataset") from None
     if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise UserError(f"dataset {dataset} has no split {split!r} (splits: {list(data)}): pass --split")
         data = data[split]
     if feature not in data.column_names:
-        raise ValueError(f"dataset {dataset} has no column {feature!r} (columns: {data.column_names}); "
-                         "pass --feature")
-    samples = []
+        raise UserError(f"dataset {dataset} has no column {feature!r} (columns: {data.column_names}); "
+                        "pass --feature")
+    samples.source = "dataset:" + result_key(getattr(data, "_fingerprint", None) or dataset, split, subset, feature)
     for row in data:
         value = row[feature]
         ids = _tokenize_prefix(value, tokenizer, n_tokens) if isinstance(value, str) else list(value)
@@ -320,8 +557,8 @@ def load_token_samples(dataset: Optional[str], tokenizer, n_samples: int, n_toke
             samples.append(torch.tensor(ids[:n_tokens], dtype=torch.long))
             if len(samples) == n_samples:
                 return samples
-    raise ValueError(f"dataset {dataset} has only {len(samples)} rows of at least {n_tokens} tokens; "
-                     f"{n_samples} were asked for")
+    raise UserError(f"dataset {dataset} has only {len(samples)} rows of at least {n_tokens} tokens; "
+                    f"{n_samples} were asked for: lower --samples or the longest length")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -412,6 +649,57 @@ def write_ppl_csv(path, table: Dict[str, Dict[int, float]]) -> None:
         writer.writerow(["model", *lengths])
         for label, row in table.items():
             writer.writerow([label, *[f"{row[n]:.6f}" if n in row else "" for n in lengths]])
+
+
+class PplResults:
+    """Perplexity results keyed on content: ``<csv stem>.results.jsonl`` next to the CSV holds one record per model
+    key and length (with the fingerprint of the tokens scored), and the CSV is rendered from it.
+
+    A model key (:func:`model_identity` + the dataset's source fingerprint + the number of samples) decides the row;
+    a cell is reused by ``--resume`` only when the tokens scored at that length are the same. Rows sharing a folder
+    name get unique labels (``name#key``). A CSV written before keys existed is kept as ``<stem>.legacy.csv``.
+    """
+
+    def __init__(self, csv_path, *, main: bool = True):
+        self.csv = Path(csv_path)
+        self.path = self.csv.with_name(self.csv.stem + ".results.jsonl")
+        self.notes: List[str] = []
+        if main and self.csv.exists() and not self.path.exists():
+            legacy = self.csv.with_name(self.csv.stem + ".legacy.csv")
+            os.replace(self.csv, legacy)
+            self.notes.append(f"{self.csv} was written without result keys: kept as {legacy}")
+        self.records = read_trials(self.path)
+
+    def lookup(self, key: str, length: int, data: str) -> Optional[float]:
+        """The perplexity already measured for this model key, length and tokens, if any."""
+        found = [r for r in self.records if r.get("key") == key and r.get("length") == length
+                 and r.get("data") == data]
+        return found[-1]["ppl"] if found else None
+
+    def add(self, record: dict, write: bool = True) -> None:
+        """Record one result (every rank keeps it in memory; ``write`` on the main process appends it)."""
+        self.records.append(record)
+        if write:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def labels(self) -> Dict[str, str]:
+        latest = {r["key"]: r.get("label", r["key"]) for r in self.records if "key" in r}
+        return unique_labels(list(latest.items()))
+
+    def table(self) -> Dict[str, Dict[int, float]]:
+        """``{unique label: {length: perplexity}}``, rows in order of first appearance, latest result per cell."""
+        labels, rows = self.labels(), {}
+        for r in self.records:
+            if "key" in r:
+                rows.setdefault(labels[r["key"]], {})[int(r["length"])] = float(r["ppl"])
+        return rows
+
+    def write_csv(self) -> Dict[str, Dict[int, float]]:
+        table = self.table()
+        write_ppl_csv(self.csv, table)
+        return table
 
 
 def _matplotlib():

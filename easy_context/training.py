@@ -12,17 +12,20 @@ Command line (the RoPE-base helper used by ``train_scripts/``)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import shutil
 import sys
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from . import run_safety as S
+from .cli import UserError
 from .loss import IGNORE_INDEX, chunked_cross_entropy_sum
 from .methods import Method, get_method
 
@@ -31,7 +34,8 @@ __all__ = [
     "load_documents", "tokenize_documents", "pack_documents", "global_batch_indices",
     "check_parallel_options", "setup_sequence_parallel", "model_path", "build_model", "enable_checkpointing",
     "CHECKPOINTING", "build_optimizer", "ChunkedLossModel",
-    "save_checkpoint", "load_checkpoint", "latest_checkpoint", "save_final_model",
+    "save_checkpoint", "load_checkpoint", "latest_checkpoint", "save_final_model", "group_timeout",
+    "on_main", "Run", "start_run", "run_signature", "release_locks", "check_resume", "load_resume", "padding_fraction", "warn_padding",
     "reset_peak_memory", "peak_memory_bytes", "PeakMemory",
 ]
 
@@ -273,12 +277,41 @@ def check_parallel_options(method: Union[str, Method], world_size: int, sp_size:
     return sp_size
 
 
-def setup_sequence_parallel(method: Union[str, Method], sp_size: int):
+@contextlib.contextmanager
+def group_timeout(seconds: Optional[float]):
+    """Process groups created inside get ``seconds`` as their timeout instead of torch's default (30 minutes for
+    gloo, 10 for NCCL).
+
+    A group's timeout is fixed when it is created: gloo's point-to-point operations (the ring's ``batch_isend_irecv``)
+    wait as long as the group's creation timeout, whatever is set later, so the sequence- and data-parallel groups
+    must be born with ``--dist-timeout``.
+    """
+    if seconds is None:
+        yield
+        return
+    import datetime
+
+    import torch.distributed.distributed_c10d as c10d
+
+    saved = c10d.default_pg_timeout, getattr(c10d, "default_pg_nccl_timeout", None)
+    c10d.default_pg_timeout = datetime.timedelta(seconds=seconds)
+    if saved[1] is not None:
+        c10d.default_pg_nccl_timeout = c10d.default_pg_timeout
+    try:
+        yield
+    finally:
+        c10d.default_pg_timeout = saved[0]
+        if saved[1] is not None:
+            c10d.default_pg_nccl_timeout = saved[1]
+
+
+def setup_sequence_parallel(method: Union[str, Method], sp_size: int, timeout: Optional[float] = None):
     """Split the processes into data-parallel replicas of ``sp_size`` consecutive ranks, make this process's replica
     the sequence-parallel group, and return ``(dp_rank, dp_size, sp_rank)``.
 
     Uses :func:`easy_context.mesh.setup_mesh` (a named (data × sequence) device mesh) when the package has it, else
-    ``torch.distributed.new_group`` over consecutive ranks (the same layout).
+    ``torch.distributed.new_group`` over consecutive ranks (the same layout). New groups wait at most ``timeout``
+    seconds for the other processes (:func:`group_timeout`).
     """
     import torch.distributed as dist
 
@@ -287,15 +320,16 @@ def setup_sequence_parallel(method: Union[str, Method], sp_size: int):
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
     if get_method(method).is_sequence_parallel and world > 1:
-        if hasattr(mesh, "setup_mesh"):
-            mesh.setup_mesh(sp_size)
-        elif sp_size == world:
-            mesh.set_sequence_parallel_group(None)
-        else:
-            for start in range(0, world, sp_size):  # every process creates every group, in the same order
-                group = dist.new_group(list(range(start, start + sp_size)))
-                if start <= rank < start + sp_size:
-                    mesh.set_sequence_parallel_group(group)
+        with group_timeout(timeout):
+            if hasattr(mesh, "setup_mesh"):
+                mesh.setup_mesh(sp_size)
+            elif sp_size == world:
+                mesh.set_sequence_parallel_group(None)
+            else:
+                for start in range(0, world, sp_size):  # every process creates every group, in the same order
+                    group = dist.new_group(list(range(start, start + sp_size)))
+                    if start <= rank < start + sp_size:
+                        mesh.set_sequence_parallel_group(group)
     return rank // sp_size, world // sp_size, rank % sp_size
 
 
@@ -433,22 +467,23 @@ def _fsync_tree(folder: Path) -> None:
             os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _run_id_of(checkpoint: Path) -> Optional[str]:
+    try:
+        return json.loads((checkpoint / STATE_FILE).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return "unreadable"  # never matches a run: a checkpoint that cannot be read is not pruned
 
 
-def save_checkpoint(accelerator, output_dir: Union[str, Path], step: int, state: dict, keep: int = 2) -> Path:
+def save_checkpoint(accelerator, output_dir: Union[str, Path], step: int, state: dict, keep: int = 2,
+                    run_id: Optional[str] = None) -> Path:
     """Save model, optimizer, registered objects (the scheduler) and every process's RNG as ``checkpoint-<step>``.
 
     All processes write into ``.checkpoint-<step>.tmp`` (DeepSpeed writes its partitions from every rank); the main
-    process then fsyncs it, renames it into place and points ``latest`` at it, so a crash at any moment leaves the
-    previous checkpoint intact. ``state`` (the step, the data position, the options) goes to ``trainer_state.json``.
-    Only the ``keep`` newest checkpoints are kept.
+    process then writes ``trainer_state.json`` (``state``: the step, the data position, the options, ``run_id``)
+    and, last, ``manifest.json`` (every file's size and SHA-256), fsyncs the folder, renames it into place and
+    points ``latest`` at it, so a crash at any moment leaves the previous checkpoint intact and a damaged one is
+    detected on resume. Of this run's checkpoints (those saved with ``run_id``) only the ``keep`` newest are kept;
+    other checkpoints in the folder are never touched.
     """
     output_dir = Path(output_dir)
     final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
@@ -459,13 +494,15 @@ def save_checkpoint(accelerator, output_dir: Union[str, Path], step: int, state:
     accelerator.save_state(str(tmp), safe_serialization=False)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(dict(state, step=step), indent=1))
+        (tmp / STATE_FILE).write_text(json.dumps(dict(state, step=step, run_id=run_id), indent=1))
+        S.write_manifest(tmp)
         _fsync_tree(tmp)
-        shutil.rmtree(final, ignore_errors=True)
+        if final.exists():  # never deleted: kept aside
+            S.move_aside(output_dir, [final])
         os.replace(tmp, final)
-        _write_atomic(output_dir / LATEST, final.name)
-        older = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]
-        for old in older:
+        S.write_text_atomic(output_dir / LATEST, final.name)
+        ours = [p for p in S.checkpoints_in(output_dir) if p != final and _run_id_of(p) == run_id]
+        for old in ours[max(0, keep - 1):]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
@@ -502,6 +539,140 @@ def save_final_model(accelerator, wrapped, tokenizer, output_dir: Union[str, Pat
             tokenizer.save_pretrained(output_dir)
     accelerator.wait_for_everyone()
     return output_dir
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A run's safety: its output folder, its resume, its data (see easy_context/run_safety.py)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def on_main(accelerator, fn):
+    """Run ``fn()`` on the main process only; every process returns its (picklable) result, or raises the
+    :class:`~easy_context.cli.UserError` it raised, so all processes take the same decision."""
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except UserError as err:
+            error = str(err)
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
+@dataclass
+class Run:
+    """This run's output folder and identity (``run_id`` marks its checkpoints; a resume carries it on)."""
+
+    output_dir: Path
+    run_id: str
+    notes: List[str] = field(default_factory=list)
+
+
+def start_run(accelerator, output_dir: Union[str, Path], *, resume: Optional[str], overwrite: bool) -> Run:
+    """Lock ``output_dir`` for this run (:func:`easy_context.run_safety.claim_output_dir`) on the main process,
+    and agree on the outcome on every process: a folder in use, or holding a previous run without ``--overwrite``,
+    is a :class:`~easy_context.cli.UserError` everywhere."""
+    import uuid
+
+    def claim():
+        _, notes = S.claim_output_dir(output_dir, resume=resume, overwrite=overwrite)
+        return uuid.uuid4().hex[:12], notes
+
+    run_id, notes = on_main(accelerator, claim)
+    for note in notes:
+        accelerator.print(f"note: {note}", flush=True)
+    return Run(Path(output_dir), run_id, notes)
+
+
+def check_resume(accelerator, run: Run, path: str, signature: dict, args=None) -> Tuple[str, int]:
+    """Pick the checkpoint ``--resume path`` means (verified, falling back past damaged ones) and refuse it when
+    the new options would change the data order or the meaning of a step; returns ``(folder, step)``."""
+
+    def check():
+        folder, notes = S.find_checkpoint(path)
+        state = json.loads((folder / STATE_FILE).read_text())
+        refusals, changes = S.compare_signatures(state, signature, args)
+        if refusals:
+            raise UserError(f"cannot resume from {folder}: {'; '.join(refusals)}")
+        return str(folder), int(state["step"]), state.get("run_id"), notes + changes
+
+    folder, step, run_id, notes = on_main(accelerator, check)
+    for note in notes:
+        accelerator.print(f"note: {note}", flush=True)
+    run.run_id = run_id or run.run_id
+    return folder, step
+
+
+def load_resume(accelerator, run: Run, folder: str, step: int) -> int:
+    """Restore the checkpoint chosen by :func:`check_resume`, then, in this run's folder, cut ``log.jsonl`` back to
+    its step and move checkpoints newer than it into ``previous/`` (they belong to the abandoned continuation)."""
+    try:
+        accelerator.load_state(folder)
+    except Exception as err:  # noqa: BLE001 - reported as one line
+        raise UserError(f"cannot load checkpoint {folder} ({type(err).__name__}: {str(err)[:200]}): resume from "
+                        "an older checkpoint by passing it to --resume", everywhere=True) from None
+    if accelerator.is_main_process:
+        dropped = S.cut_log(run.output_dir / "log.jsonl", step)
+        newer = [p for p in S.checkpoints_in(run.output_dir) if S.checkpoint_step(p) > step]
+        if newer:
+            aside = S.move_aside(run.output_dir, newer)
+            accelerator.print(f"note: moved {', '.join(p.name for p in newer)} (after step {step}) to {aside}")
+        if Path(folder).parent.resolve() == run.output_dir.resolve():
+            S.write_text_atomic(run.output_dir / LATEST, Path(folder).name)
+        if dropped:
+            accelerator.print(f"note: cut {dropped} line(s) after step {step} from {run.output_dir / 'log.jsonl'}")
+    accelerator.wait_for_everyone()
+    return step
+
+
+release_locks = S.release_locks
+
+
+def run_signature(args, accelerator, dp_size: int, sp_size: int, data: Dict[str, torch.Tensor]) -> dict:
+    """:func:`easy_context.run_safety.run_signature` of a ``train.py`` run: its options, processes, the method's
+    layout, the DeepSpeed stage and a fingerprint of the packed data."""
+    layout = get_method(args.parallel_mode).layout
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return S.run_signature(args, num_processes=accelerator.num_processes, dp_size=dp_size, sp_size=sp_size,
+                           layout=layout.name if layout is not None else "none", num_samples=len(data["input_ids"]),
+                           data_fingerprint=S.fingerprint_tensors(*data.values()),
+                           deepspeed_stage=plugin.zero_stage if plugin is not None else None)
+
+
+PADDING_WARNING = 0.10
+
+
+def padding_fraction(token_docs: Sequence[Sequence[int]], num_samples: int, sample_length: int) -> float:
+    """The share of the ``num_samples × sample_length`` training tokens that are padding (documents are followed by
+    one end-of-document token each, as :func:`pack_documents` does)."""
+    real = sum(len(d) + 1 for d in token_docs if len(d))
+    total = num_samples * sample_length
+    return max(0.0, 1.0 - real / total) if total else 0.0
+
+
+def warn_padding(token_docs, num_samples: int, seq_length: int, method=None, sp_size: int = 1,
+                 pad_to_multiple: bool = False, prog: str = "train.py") -> float:
+    """Print a warning on stderr (main process) when more than 10% of the training tokens are padding: the
+    packing's tail and short documents, plus what ``--pad-to-multiple`` adds. Returns the share."""
+    length = seq_length
+    if pad_to_multiple and method is not None and get_method(method).layout is not None:
+        multiple = get_method(method).layout.multiple(sp_size)
+        length = -(-seq_length // multiple) * multiple
+    share = padding_fraction(token_docs, num_samples, length)
+    if share > PADDING_WARNING and os.environ.get("RANK", "0") == "0":
+        real = sum(len(d) + 1 for d in token_docs if len(d))
+        hint = (f"lower --seq-length (the data holds {real} tokens)" if num_samples == 1 else
+                "pack documents (drop --no-pack), lower --seq-length, or add data")
+        print(f"{prog}: warning: {share:.0%} of the training tokens are padding ({real} real tokens in {num_samples} "
+              f"sample(s) of {length}): {hint}", file=sys.stderr, flush=True)
+    return share
 
 
 # --------------------------------------------------------------------------------------------------------------
