@@ -75,7 +75,7 @@ def prepare_seq_parallel_inputs(
         )
     layout = method.layout
     if layout is not None:
-        _check_rank_and_size(method.name, rank, world_size, group)
+        _check_rank(rank, world_size)
         if positions_restart(position_ids):
             raise ValueError(
                 f"position_ids do not count up by one inside the sequence (packed documents restart them): {method.name} computes one causal "
@@ -91,6 +91,7 @@ def prepare_seq_parallel_inputs(
                 input_ids, position_ids, target_ids, pad_to_multiple_of or multiple, pad_token_id
             )
         layout.check_length(input_ids.shape[-1], world_size, method.name)
+        _check_process_group(method.name, rank, world_size, group)
         shard = lambda x: None if x is None else layout.shard(x, rank, world_size, dim=-1)  # noqa: E731
         input_ids, position_ids, target_ids = shard(input_ids), shard(position_ids), shard(target_ids)
     to = lambda x: None if x is None else x.to(device)  # noqa: E731
@@ -101,12 +102,15 @@ def prepare_seq_parallel_inputs(
     }
 
 
-def _check_rank_and_size(name: str, rank: int, world_size: int, group) -> None:
+def _check_rank(rank: int, world_size: int) -> None:
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
     if not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank!r} is outside the group of {world_size}: pass the rank and size of the "
                          "sequence-parallel group")
+
+
+def _check_process_group(name: str, rank: int, world_size: int, group) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         if world_size > 1:
             raise ValueError(

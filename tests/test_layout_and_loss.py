@@ -6,6 +6,7 @@ import torch
 import easy_context as ec
 from easy_context.layout import CONTIGUOUS, STRIPE, ZIGZAG
 from easy_context.loss import chunked_cross_entropy_sum
+from distributed import run_distributed
 from reference import FP32_TOL, rel_err
 
 
@@ -24,20 +25,23 @@ def test_zigzag_places_chunks_r_and_2p_minus_1_minus_r():
     assert CONTIGUOUS.indices(8, 3, 4).tolist() == [6, 7]
 
 
-def test_prepare_inputs_keeps_global_positions_and_targets():
+def _prepare_on_two_ranks(rank, world_size):
     ids = torch.arange(16).view(1, 16)
-    local = ec.prepare_seq_parallel_inputs("zigzag_ring_attn", ids, None, ids + 100, 1, 2, "cpu")
+    local = ec.prepare_seq_parallel_inputs("zigzag_ring_attn", ids, None, ids + 100, rank, world_size, "cpu")
+    whole = ec.prepare_seq_parallel_inputs("data_parallel", ids, None, ids, rank, world_size, "cpu")
+    short = torch.arange(10).view(1, 10)
+    padded = ec.prepare_seq_parallel_inputs("zigzag_ring_attn", short, None, short, rank, world_size, "cpu", pad=True)
+    return local, whole["local_input_ids"], padded
+
+
+def test_prepare_inputs_keeps_global_positions_and_pads_with_ignored_targets():
+    results = run_distributed(_prepare_on_two_ranks, 2)
+    local, whole, _ = results[1]
     assert local["local_input_ids"].tolist() == [[4, 5, 6, 7, 8, 9, 10, 11]]
     assert local["local_position_ids"].tolist() == [[4, 5, 6, 7, 8, 9, 10, 11]]
     assert local["local_target_ids"].tolist() == [[104, 105, 106, 107, 108, 109, 110, 111]]
-    whole = ec.prepare_seq_parallel_inputs("data_parallel", ids, None, ids, 1, 2, "cpu")
-    assert torch.equal(whole["local_input_ids"], ids)
-
-
-def test_padding_appends_ignored_targets_and_continues_positions():
-    ids = torch.arange(10).view(1, 10)
-    shards = [ec.prepare_seq_parallel_inputs("zigzag_ring_attn", ids, None, ids, r, 2, "cpu", pad=True)
-              for r in range(2)]
+    assert torch.equal(whole, torch.arange(16).view(1, 16))
+    shards = [padded for _, _, padded in results]
     targets = ZIGZAG.unshard([s["local_target_ids"] for s in shards], dim=1)
     positions = ZIGZAG.unshard([s["local_position_ids"] for s in shards], dim=1)
     assert targets.tolist() == [list(range(10)) + [-100, -100]]
