@@ -235,6 +235,7 @@ def install_error_handler(prog: str, *, dist_timeout: Optional[float] = None,
             else:
                 what = ("lost the connection to another process (it died or was killed). The run stops here; resume "
                         "it from its latest checkpoint with --resume")
+            print("", file=sys.__stderr__ or sys.stderr)  # after a progress bar's unfinished line
             print_error(prog, f"{what} ({type(err).__name__}: {str(err).splitlines()[0][:200]})", everywhere=True)
             code = EXIT_DISTRIBUTED
         elif isinstance(err, _USER_ERRORS):

@@ -352,7 +352,8 @@ def find_checkpoint(path: Union[str, Path]) -> Tuple[Path, List[str]]:
     if latest.exists():
         name = latest.read_text().strip()
         if not name or checkpoint_step(Path(name)) is None or not (path / name).is_dir():
-            notes.append(f"{latest} names {name or 'nothing'!r}, not a checkpoint here: looking for the newest one")
+            named = repr(name) if name else "nothing"
+            notes.append(f"{latest} names {named}, not a checkpoint here: looking for the newest one")
     candidates = checkpoints_in(path)
     if not candidates:
         raise UserError(f"--resume {path}: no checkpoint-<step> folder there (--save-every and --stop-at write "
@@ -486,7 +487,8 @@ def compare_signatures(saved_state: dict, now: dict, args=None) -> Tuple[List[st
         refusals.append(f"the DeepSpeed checkpoint holds partitions of {saved.get('num_processes')} processes: "
                         f"resume on {saved.get('num_processes')} processes")
     if not refusals and saved.get("num_processes") not in (None, now["num_processes"]):
-        notes.append(f"resuming on {now['num_processes']} processes (the checkpoint was written by "
+        n = now["num_processes"]
+        notes.append(f"resuming on {n} process{'es' if n != 1 else ''} (the checkpoint was written by "
                      f"{saved['num_processes']}): the global batch of {now['global_batch']} keeps the data order")
     old_args = saved_state.get("args", {})
     for key in _FREE if args is not None else ():

@@ -7,6 +7,7 @@ must give exactly the uninterrupted run's losses; bad options must fail fast wit
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,12 +54,10 @@ def _train(out, *extra, config=None, check=True):
 
 
 def _losses(out):
-    """Loss of each step from log.jsonl (a resumed run appends; the last entry of a step wins)."""
-    losses = {}
-    for line in (Path(out) / "log.jsonl").read_text().splitlines():
-        entry = json.loads(line)
-        losses[entry["step"]] = entry["loss"]
-    return [losses[s] for s in sorted(losses)]
+    """Loss of each step from log.jsonl (a resume cuts the log back to its step, so each step appears once)."""
+    entries = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in entries] == list(range(1, len(entries) + 1)), entries
+    return [e["loss"] for e in entries]
 
 
 @pytest.fixture(scope="module")
@@ -126,14 +125,45 @@ def test_deepspeed_zero3_cpu_offload_matches_single_process_across_a_resume(tmp_
     assert config["rope_parameters"]["rope_theta"] == 50000.0
 
 
-def test_resume_continues_bit_for_bit(tmp_path, dataset, zigzag_run):
-    args = ["--dataset", dataset, "--parallel-mode", "zigzag_ring_attn", "--save-every", "1"]
-    first = _train(tmp_path, *args, "--stop-at", "2", config="cpu_2proc.yaml")
+RESUME_ARGS = ["--parallel-mode", "zigzag_ring_attn", "--save-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory, dataset):
+    """The 2-process zigzag run stopped after step 2 (checkpoints 1 and 2), as if interrupted."""
+    out = tmp_path_factory.mktemp("stopped")
+    first = _train(out, "--dataset", dataset, *RESUME_ARGS, "--stop-at", "2", config="cpu_2proc.yaml")
     assert "checkpoint saved to" in first.stdout + first.stderr
-    assert (tmp_path / "latest").read_text().strip() == "checkpoint-2"
-    assert not (tmp_path / "config.json").exists()  # stopped runs save no final model
-    _train(tmp_path, *args, "--resume", str(tmp_path), config="cpu_2proc.yaml")
-    assert _losses(tmp_path) == _losses(zigzag_run)  # exactly equal, every step including those after the resume
+    assert (out / "latest").read_text().strip() == "checkpoint-2"
+    assert not (out / "config.json").exists()  # stopped runs save no final model
+    return out
+
+
+def test_resume_continues_bit_for_bit(tmp_path, dataset, stopped_run, zigzag_run):
+    out = shutil.copytree(stopped_run, tmp_path / "run")
+    _train(out, "--dataset", dataset, *RESUME_ARGS, "--resume", str(out), config="cpu_2proc.yaml")
+    assert _losses(out) == _losses(zigzag_run)  # exactly equal, every step including those after the resume
+
+
+def test_resume_on_one_process_with_the_same_global_batch(tmp_path, dataset, stopped_run, reference):
+    """A new process count that keeps the global batch keeps the data position exactly: the 2-process checkpoint
+    resumed by one process continues with the single-process losses."""
+    out = shutil.copytree(stopped_run, tmp_path / "run")
+    proc = _train(out, "--dataset", dataset, *RESUME_ARGS, "--resume")
+    assert "resuming on 1 process (the checkpoint was written by 2)" in proc.stdout
+    _assert_close(_losses(out), reference)
+
+
+def test_resume_refuses_a_new_global_batch_under_the_launcher(tmp_path, dataset, stopped_run):
+    """--sp-size 1 on 2 processes makes 2 data-parallel replicas: the global batch doubles, which is refused with
+    one line printed once (by rank 0) before anything heavy runs."""
+    out = shutil.copytree(stopped_run, tmp_path / "run")
+    proc = _train(out, "--dataset", dataset, *RESUME_ARGS, "--sp-size", "1", "--resume", config="cpu_2proc.yaml",
+                  check=False)
+    lines = [line for line in proc.stderr.splitlines() if "train.py: error:" in line]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-4000:]
+    assert "the global batch (--batch-size x data-parallel size x --grad-accum) would change from 2 to 4" in lines[0]
+    assert 'File "' + str(ROOT / "train.py") not in proc.stderr
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -156,6 +186,5 @@ def test_pad_to_multiple_trains_an_odd_length(tmp_path, dataset):
 
 
 def test_train_py_stays_under_200_lines():
-    code = [line for line in (ROOT / "train.py").read_text().splitlines()
-            if line.strip() and not line.strip().startswith("#")]
-    assert len(code) < 200, f"train.py has {len(code)} lines of code (excluding blanks and comments)"
+    lines = (ROOT / "train.py").read_text().splitlines()
+    assert len(lines) < 200, f"train.py has {len(lines)} lines"
