@@ -2,39 +2,48 @@
 
 Run under torchrun (any backend; gloo on CPU, NCCL on GPUs):
 
-    torchrun --nproc_per_node 2 benchmarks/attention_scaling.py --seq-lens 4096 8192
+    torchrun --nproc_per_node 2 benchmarks/attention_scaling.py --lengths 4096 8192
     torchrun --nproc_per_node 4 benchmarks/attention_scaling.py --device cuda ...   # one GPU per rank
 
 For every method and sequence length it times forward+backward of causal attention on the whole sequence in one
 process (rank 0, while the others wait) and of the method over all ranks, and reports the speed-up, the per-rank
 load balance (max/mean of attention work counted by ``easy_context.kernels.count_block_work``) and the peak
 activation memory per rank of the parallel run relative to the single process (CUDA only).
+
+Option names are shared with the other scripts (docs/cli.md); ``--seq-lens`` and ``--output`` are older spellings.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
+from pathlib import Path
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=None, help="methods to run (default: every sequence-parallel one)")
-    p.add_argument("--seq-lens", nargs="+", type=int, default=[4096, 8192])
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=64)
+from easy_context import cli  # noqa: E402
+from easy_context.cli import int_range  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = cli.Parser(description=__doc__)
+    p.add_argument("--methods", nargs="+", default=None, help="methods to run (unset: every sequence-parallel one)")
+    p.add_argument("--lengths", "--seq-lens", nargs="+", type=int_range(1), default=[4096, 8192],
+                   help="sequence lengths")
+    p.add_argument("--heads", type=int_range(1), default=8, help="query heads")
+    p.add_argument("--kv-heads", type=int_range(1), default=2, help="key/value heads")
+    p.add_argument("--head-dim", type=int_range(1), default=64, help="head dimension")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1, help="CPU threads per process (reference uses the same)")
-    p.add_argument("--output", default=None, help="also write the table as markdown to this file")
-    return p.parse_args()
+    p.add_argument("--repeats", type=int_range(1), default=3, help="timed repetitions (the median is reported)")
+    p.add_argument("--threads", type=int_range(1), default=1, help="CPU threads per process (reference uses the same)")
+    p.add_argument("--output-file", "--output", default=None, help="also write the table as markdown to this file")
+    return p.parse_args(argv)
 
 
 def _sync(device):
@@ -72,7 +81,7 @@ def main():
 
     methods = args.methods or [m for m in available_methods() if get_method(m).is_sequence_parallel]
     rows = []
-    for seq_len in args.seq_lens:
+    for seq_len in args.lengths:
         g = torch.Generator().manual_seed(seq_len)
         shape = lambda h: (1, h, seq_len, args.head_dim)  # noqa: E731
         q, k, v, dout = (torch.randn(shape(h), generator=g).to(device, dtype)
@@ -127,8 +136,8 @@ def main():
         table = "\n".join(lines)
         print(f"\n{args.device}, {args.dtype}, heads {args.heads}/{args.kv_heads}, head dim {args.head_dim}, "
               f"{args.threads} thread(s) per process\n{table}")
-        if args.output:
-            with open(args.output, "w") as f:
+        if args.output_file:
+            with open(args.output_file, "w") as f:
                 f.write(table + "\n")
     dist.destroy_process_group()
 

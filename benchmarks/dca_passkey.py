@@ -17,7 +17,6 @@ Example (the README table)::
 
 from __future__ import annotations
 
-import argparse
 import random
 import re
 import sys
@@ -30,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from easy_context import apply_seq_parallel_monkey_patch  # noqa: E402
 from common import append_result, start_run  # noqa: E402
+from easy_context import cli  # noqa: E402
+from easy_context.cli import float_range, int_range  # noqa: E402
 from easy_context.assets import austen_text, load_smollm2  # noqa: E402
 
 FIELDS = ["method", "length", "depth", "prompt_tokens", "passkey", "found", "answer", "seconds"]
@@ -39,16 +40,19 @@ QUESTION = "\n\nWhat is the pass key?"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768], help="prompt lengths (tokens)")
-    p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9], help="needle depths in [0, 1]")
+    p = cli.Parser(description=__doc__.split("\n\n")[0] + " Option names: docs/cli.md (--new-tokens and --out "
+                   "are older spellings).")
+    p.add_argument("--lengths", type=int_range(2), nargs="+", default=[4096, 16384, 32768],
+                   help="prompt lengths (tokens)")
+    p.add_argument("--depths", type=float_range(0, 1), nargs="+", default=[0.1, 0.5, 0.9], help="needle depths")
     p.add_argument("--methods", nargs="+", default=["plain", "dca"], choices=["plain", "dca"])
-    p.add_argument("--pretraining-length", type=int, default=8192, help="DCA pretraining length L")
-    p.add_argument("--new-tokens", type=int, default=24, help="tokens generated per answer")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
+    p.add_argument("--pretraining-length", type=int_range(1), default=8192, help="DCA pretraining length L")
+    p.add_argument("--max-new-tokens", "--new-tokens", type=int_range(1), default=24,
+                   help="tokens generated per answer")
+    p.add_argument("--seed", type=int_range(0), default=0)
+    p.add_argument("--threads", type=int_range(1), default=2, help="torch threads")
+    p.add_argument("--output-dir", "--out", dest="out", metavar="DIR", type=Path, default=Path("benchmarks/results"),
+                   help="output folder")
     p.add_argument("--resume", action="store_true", help="skip (method, length, depth) trials already in the CSV")
     return p.parse_args(argv)
 
@@ -151,7 +155,7 @@ def main(argv=None) -> int:
         ids = build_prompt(tokenizer, haystack, n, depth, key)
         t0 = time.perf_counter()
         with torch.no_grad():
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                                  do_sample=False)
         answer = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()
         row = {"method": method, "length": n, "depth": depth, "prompt_tokens": ids.shape[1], "passkey": key,

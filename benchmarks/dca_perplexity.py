@@ -16,7 +16,6 @@ Example (the README table)::
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -28,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from easy_context import apply_seq_parallel_monkey_patch, chunked_cross_entropy_sum  # noqa: E402
 from common import append_result, start_run  # noqa: E402
+from easy_context import cli  # noqa: E402
+from easy_context.cli import int_range  # noqa: E402
 from easy_context.assets import austen_text, load_smollm2  # noqa: E402
 
 FIELDS = ["method", "length", "window", "start_token", "ppl", "ppl_last2k", "tokens", "seconds",
@@ -36,17 +37,21 @@ LAST = 2048
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768], help="context lengths")
+    p = cli.Parser(description=__doc__.split("\n\n")[0] + " Option names: docs/cli.md (--chunk-size, "
+                   "--local-window and --out are older spellings).")
+    p.add_argument("--lengths", type=int_range(2), nargs="+", default=[4096, 8192, 16384, 32768],
+                   help="context lengths")
     p.add_argument("--methods", nargs="+", default=["plain", "dca"], choices=["plain", "dca"])
-    p.add_argument("--windows", type=int, default=1, help="windows per length")
-    p.add_argument("--start", type=int, default=0, help="first token of the first window")
-    p.add_argument("--pretraining-length", type=int, default=8192, help="DCA pretraining length L")
-    p.add_argument("--chunk-size", type=int, default=None, help="DCA chunk size s (default 3L/4)")
-    p.add_argument("--local-window", type=int, default=None, help="DCA local window w (default L/8)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
+    p.add_argument("--windows", type=int_range(1), default=1, help="windows per length")
+    p.add_argument("--start", type=int_range(0), default=0, help="first token of the first window")
+    p.add_argument("--pretraining-length", type=int_range(1), default=8192, help="DCA pretraining length L")
+    p.add_argument("--dca-chunk-size", "--chunk-size", dest="chunk_size", type=int_range(1), default=None,
+                   help="DCA chunk size s (unset: 3L/4)")
+    p.add_argument("--dca-local-window", "--local-window", dest="local_window", type=int_range(1), default=None,
+                   help="DCA local window w (unset: L/8)")
+    p.add_argument("--threads", type=int_range(1), default=2, help="torch threads")
+    p.add_argument("--output-dir", "--out", dest="out", metavar="DIR", type=Path, default=Path("benchmarks/results"),
+                   help="output folder")
     p.add_argument("--resume", action="store_true", help="skip (method, length, window) rows already in the CSV")
     return p.parse_args(argv)
 

@@ -11,7 +11,9 @@ the loss from the final hidden states (SmolLM2-135M's shapes by default: hidden 
 Both get the same inputs and must give the same loss and gradients. On CPU the peak is the process's peak
 resident set (VmHWM, reset before the measurement); on CUDA it is the allocator's peak.
 
-    python benchmarks/loss_memory.py --lengths 4096 8192 [--hidden 576 --vocab 49152 --chunk 4096 --device cpu]
+    python benchmarks/loss_memory.py --lengths 4096 8192 [--hidden 576 --vocab 49152 --loss-chunk-size 4096]
+
+``--chunk`` is the older spelling of ``--loss-chunk-size`` (option names: docs/cli.md).
 """
 
 import argparse
@@ -19,9 +21,15 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from easy_context import cli  # noqa: E402
+from easy_context.cli import int_range  # noqa: E402
 
 
 def measure(variant: str, tokens: int, hidden: int, vocab: int, chunk: int, device: str) -> dict:
@@ -45,12 +53,13 @@ def measure(variant: str, tokens: int, hidden: int, vocab: int, chunk: int, devi
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
-    parser.add_argument("--hidden", type=int, default=576)
-    parser.add_argument("--vocab", type=int, default=49152)
-    parser.add_argument("--chunk", type=int, default=4096)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = cli.Parser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", type=int_range(1), nargs="+", default=[4096, 8192], help="tokens")
+    parser.add_argument("--hidden", type=int_range(1), default=576, help="hidden size")
+    parser.add_argument("--vocab", type=int_range(1), default=49152, help="vocabulary size")
+    parser.add_argument("--loss-chunk-size", "--chunk", dest="chunk", type=int_range(1), default=4096,
+                        help="tokens per lm_head + cross-entropy chunk")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--one", nargs=2, metavar=("VARIANT", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:  # child process: one measurement, printed as JSON

@@ -20,7 +20,8 @@ import sys
 import traceback
 from typing import Callable, Optional
 
-__all__ = ["Parser", "int_range", "float_range", "UserError", "user_errors", "install_error_handler", "print_error", "is_main",
+__all__ = ["Parser", "int_range", "float_range", "UserError", "user_errors", "install_error_handler", "print_error",
+           "is_main",
            "EXIT_USAGE", "EXIT_DISTRIBUTED", "DEFAULT_DIST_TIMEOUT"]
 
 #: Exit code of a user error (argparse's own).

@@ -25,13 +25,13 @@ import re
 import socket
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 from .cli import UserError
 
-__all__ = ["RunLock", "release_locks", "claim_output_dir", "previous_run_entries", "move_aside", "write_manifest", "check_checkpoint",
+__all__ = ["RunLock", "release_locks", "claim_output_dir", "previous_run_entries", "move_aside", "write_manifest",
+           "check_checkpoint",
            "find_checkpoint", "checkpoint_step", "checkpoints_in", "cut_log", "write_text_atomic",
            "run_signature", "compare_signatures", "fingerprint_tensors", "LOCK_NAME", "PREVIOUS", "MANIFEST"]
 

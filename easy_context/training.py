@@ -35,7 +35,8 @@ __all__ = [
     "check_parallel_options", "setup_sequence_parallel", "model_path", "build_model", "enable_checkpointing",
     "CHECKPOINTING", "build_optimizer", "ChunkedLossModel",
     "save_checkpoint", "load_checkpoint", "latest_checkpoint", "save_final_model", "group_timeout",
-    "on_main", "Run", "start_run", "run_signature", "release_locks", "check_resume", "load_resume", "padding_fraction", "warn_padding",
+    "on_main", "Run", "start_run", "run_signature", "release_locks", "check_resume", "load_resume",
+    "padding_fraction", "warn_padding",
     "reset_peak_memory", "peak_memory_bytes", "PeakMemory",
 ]
 
