@@ -44,8 +44,8 @@ def _attention_interfaces():
         from transformers.masking_utils import AttentionMaskInterface
     except ImportError as err:  # pragma: no cover - exercised only with old transformers
         raise ImportError(
-            "easy_context needs transformers>=4.56 (AttentionInterface and AttentionMaskInterface): "
-            "pip install -U 'transformers>=4.56'"
+            "easy_context needs transformers>=4.54.1 (AttentionInterface, AttentionMaskInterface and "
+            "set_attn_implementation): pip install -U 'transformers>=4.54.1'"
         ) from err
     return AttentionInterface, AttentionMaskInterface
 
@@ -214,7 +214,7 @@ def _base_property(config_class):
         prop = klass.__dict__.get("_attn_implementation")
         if isinstance(prop, property):
             return prop
-    raise TypeError(f"{config_class.__name__} has no _attn_implementation property: transformers>=4.56 is needed")
+    raise TypeError(f"{config_class.__name__} has no _attn_implementation property: transformers>=4.54.1 is needed")
 
 
 def _install_family_hook(config_class) -> None:

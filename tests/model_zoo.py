@@ -80,8 +80,8 @@ def zoo_model(model_type: str, overrides: dict, seed: int = 0):
             setattr(config, name, 0.0)
     torch.manual_seed(seed)
     try:
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     except ValueError:  # a family without an SDPA path (Gemma-2)
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     return model.eval()

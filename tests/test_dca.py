@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from reference import BF16_TOL, FP32_TOL, reference_attention, rel_err
+from tiny_models import rope_config_kwargs
 
 from easy_context import apply_seq_parallel_monkey_patch, get_method
 from easy_context.methods.dca import DCAConfig, dca_plan, dual_chunk_attention, replace_with_chunkllama
@@ -240,7 +241,7 @@ def tiny_model(family="llama", rope_parameters=None, seed=0, **extra):
     if family == "mistral":
         kwargs["sliding_window"] = None
     if rope_parameters is not None:
-        kwargs["rope_parameters"] = rope_parameters
+        kwargs.update(rope_config_kwargs(rope_parameters))
     kwargs.update(extra)
     torch.manual_seed(seed)
     return model_cls(config_cls(**kwargs)).eval()

@@ -39,7 +39,7 @@ def _easycontext_snippet(rank, world_size, path):
     out = {}
     for implementation in ("flash_attention_2", "sdpa", "eager", None):
         kwargs = {} if implementation is None else {"_attn_implementation": implementation}
-        model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+        model = LlamaForCausalLM.from_pretrained(path, **kwargs).eval()
         out[str(implementation)] = (model.config._attn_implementation,
                                     _sharded_logits(model, "dist_flash_attn", rank, world_size))
     other = tiny_model("qwen2")  # another family keeps its own attention

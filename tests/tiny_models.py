@@ -25,7 +25,7 @@ def tiny_model(family: str, seed: int = 0, attn_implementation: str = "sdpa", **
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(
-        tiny_config(family, **overrides), attn_implementation=attn_implementation, dtype=torch.float32
+        tiny_config(family, **overrides), attn_implementation=attn_implementation
     )
     return model.eval()
 
@@ -39,3 +39,17 @@ def tiny_batch(seq_len: int, batch: int = 2, vocab: int = 128, seed: int = 0, ma
     target_ids[:, :masked_prefix] = -100
     position_ids = torch.arange(seq_len).expand(batch, seq_len)
     return input_ids, position_ids, target_ids
+
+
+def rope_config_kwargs(rope_parameters: dict) -> dict:
+    """Config keyword arguments that mean ``rope_parameters`` on every supported transformers: 5.x reads
+    ``rope_parameters``; 4.x reads ``rope_theta`` and ``rope_scaling`` and ignores ``rope_parameters``."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return {"rope_parameters": dict(rope_parameters)}
+    params = dict(rope_parameters)
+    kwargs = {"rope_theta": params.pop("rope_theta")} if "rope_theta" in params else {}
+    if params.get("rope_type", "default") != "default":
+        kwargs["rope_scaling"] = params
+    return kwargs
