@@ -24,12 +24,20 @@ base() {  # base for target length $1 (EasyContext value $2 when ROPE=easycontex
             --target-length "$1" --head-dim 128; fi
 }
 
+# Rerunning the script continues where it stopped: a stage whose final model is saved is skipped, an interrupted
+# stage resumes from its newest intact checkpoint (train.py refuses to start afresh over a previous run).
+progress() {  # progress FOLDER: "done", "--resume" or nothing
+    if [ -f "$1/config.json" ]; then echo done; elif ls -d "$1"/checkpoint-* >/dev/null 2>&1; then echo --resume; fi
+}
+
 stage() {  # stage NAME FROM SEQ_LEN EASYCONTEXT_BASE STEPS GRAD_ACCUM LR MODE
+    local state; state=$(progress "$OUT/$1")
+    if [ "$state" = done ]; then echo "stage $1 already done: $OUT/$1"; return; fi
     accelerate launch --config_file "$CONFIG" train.py \
         --model "$2" --dataset "$DATA" --seq-length "$3" --rope-theta "$(base "$3" "$4")" \
         --steps "$5" --grad-accum "$6" --learning-rate "$7" --parallel-mode "$8" \
         --batch-size 1 --warmup-steps 20 --save-every 100 --output-dir "$OUT/$1" \
-        ${WANDB:+--wandb "$WANDB"}
+        ${WANDB:+--wandb "$WANDB"} $state
 }
 
 stage 32k  "$MODEL"        32768   1000000   1000 32 2e-5 zigzag_ring_attn

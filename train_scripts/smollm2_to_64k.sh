@@ -16,14 +16,19 @@ base() {
     python -m easy_context.training rope-base --formula "$ROPE" --original-base 1e5 --original-length 8192 \
         --target-length "$1" --head-dim 64
 }
-launch() {
-    if [ "$NGPUS" = 1 ]; then python train.py "$@"
-    else accelerate launch --multi_gpu --num_processes "$NGPUS" train.py "$@"; fi
+# Rerunning the script continues where it stopped: a stage whose final model is saved is skipped, an interrupted
+# stage resumes from its newest intact checkpoint (train.py refuses to start afresh over a previous run).
+launch() {  # launch OUTPUT_DIR TRAIN_OPTIONS...
+    local out=$1; shift
+    if [ -f "$out/config.json" ]; then echo "stage already done: $out"; return; fi
+    local resume=""; if ls -d "$out"/checkpoint-* >/dev/null 2>&1; then resume=--resume; fi
+    if [ "$NGPUS" = 1 ]; then python train.py "$@" --output-dir "$out" $resume
+    else accelerate launch --multi_gpu --num_processes "$NGPUS" train.py "$@" --output-dir "$out" $resume; fi
 }
 
-launch --model smollm2 --dataset "$DATA" --seq-length 32768 --rope-theta "$(base 32768)" \
+launch "$OUT/32k" --model smollm2 --dataset "$DATA" --seq-length 32768 --rope-theta "$(base 32768)" \
     --parallel-mode zigzag_ring_attn --steps 200 --grad-accum 8 --learning-rate 5e-5 --warmup-steps 10 \
-    --save-every 50 --output-dir "$OUT/32k"
-launch --model "$OUT/32k" --dataset "$DATA" --seq-length 65536 --rope-theta "$(base 65536)" \
+    --save-every 50
+launch "$OUT/64k" --model "$OUT/32k" --dataset "$DATA" --seq-length 65536 --rope-theta "$(base 65536)" \
     --parallel-mode zigzag_ring_attn --steps 200 --grad-accum 4 --learning-rate 5e-5 --warmup-steps 10 \
-    --save-every 50 --output-dir "$OUT/64k"
+    --save-every 50
