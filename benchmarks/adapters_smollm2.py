@@ -1,8 +1,8 @@
 """Context-extension adapters on SmolLM2-135M: extract LoRAs of several ranks from a long-context fine-tune, merge
 each into the original model, and compare with the fine-tune.
 
-For every rank: ``extract_lora(base, tuned)`` (its time, adapter size and peak RSS above the process's RSS before
-it), ``apply_adapter(base, adapter)``, then one forward pass of ``--length`` tokens of Austen through base, tuned and
+For every rank: ``extract_lora(base, tuned)`` in a fresh process (its time, adapter size and peak RSS above the
+process's RSS before it), ``apply_adapter(base, adapter)``, then one forward pass of ``--length`` tokens of Austen through base, tuned and
 every merged model. Reported per model: perplexity over the window, and the logits' error against the tuned model's
 (relative Frobenius norm over the whole window, and the largest absolute difference), computed from the final
 hidden states chunk by chunk so that ``length × vocab`` logits never exist at once.
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -84,6 +85,25 @@ def peak_rss_of(fn):
     before = _status("VmRSS")
     result = fn()
     return result, _status("VmHWM") - before
+
+
+def probe(base, tuned, adapter, rank) -> None:
+    """Extract in this (fresh) process and print the figures of the extraction as JSON."""
+    import peft  # noqa: F401  (loaded before the measurement, as the extraction imports it)
+    import tqdm.auto  # noqa: F401
+    from transformers import AutoConfig
+
+    from easy_context.adapters.plan import meta_model
+
+    meta_model(AutoConfig.from_pretrained(tuned))
+    t0 = time.perf_counter()
+    report, peak = peak_rss_of(lambda: extract_lora(base, tuned, adapter, rank, overwrite=True, progress=False,
+                                                    log=None))
+    largest = max(4 * math.prod(s) for m in report["modules"] for s in m["shapes"].values())
+    print(json.dumps({"adapter_mib": round(report["adapter_bytes"] / 2**20, 2),
+                      "extract_s": round(time.perf_counter() - t0, 1), "extract_peak_rss_mib": round(peak / 2**20, 1),
+                      "largest_tensor_mib": round(largest / 2**20, 1),
+                      "energy": round(report["retained_energy_overall"], 4)}))
 
 
 def eval_window(args, tokenizer):
@@ -151,6 +171,11 @@ def logit_error(hidden, head, ref_hidden, ref_head):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--probe":
+        torch.set_num_threads(int(argv[argv.index("--threads") + 1]))
+        probe(argv[1], argv[2], argv[3], int(argv[4]))
+        return 0
     args = parse_args(argv)
     path, done = start_run(args, "adapters_smollm2", FIELDS)
     finished = {row["model"]: row for row in done}
@@ -161,23 +186,20 @@ def main(argv=None) -> int:
     print(f"evaluation window: tokens {start}..{start + args.length} of the training stream "
           f"(training drew samples {trained})", file=sys.stderr)
 
-    # 1. Extraction and merging, before any model is loaded in this process (so the RSS figures are clean).
+    # 1. Extraction (each in a fresh process, so that its peak RSS is measured cleanly) and merging.
     extraction = {}
     for rank in args.ranks:
         adapter, merged = args.work / f"adapter-r{rank}", args.work / f"merged-r{rank}"
         if (merged / "config.json").is_file() and (adapter / "bench.json").is_file():
             extraction[rank] = json.loads((adapter / "bench.json").read_text())
             continue
-        t0 = time.perf_counter()
-        report, peak = peak_rss_of(lambda: extract_lora(base, args.tuned, adapter, rank, overwrite=True,
-                                                        progress=False, log=None))
-        seconds = time.perf_counter() - t0
+        proc = subprocess.run([sys.executable, __file__, "--probe", str(base), str(args.tuned), str(adapter),
+                               str(rank), "--tuned", str(args.tuned), "--threads", str(args.threads)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"extraction at rank {rank} failed:\n{proc.stderr[-3000:]}")
+        extraction[rank] = json.loads(proc.stdout.strip().splitlines()[-1])
         apply_adapter(base, adapter, merged, overwrite=True, progress=False, log=None)
-        largest = max(4 * math.prod(s) for m in report["modules"] for s in m["shapes"].values())
-        extraction[rank] = {"adapter_mib": round(report["adapter_bytes"] / 2**20, 2), "extract_s": round(seconds, 1),
-                            "extract_peak_rss_mib": round(peak / 2**20, 1),
-                            "largest_tensor_mib": round(largest / 2**20, 1),
-                            "energy": round(report["retained_energy_overall"], 4)}
         (adapter / "bench.json").write_text(json.dumps(extraction[rank]))
         print(f"rank {rank}: {json.dumps(extraction[rank])}", file=sys.stderr)
 
@@ -202,7 +224,7 @@ def main(argv=None) -> int:
             hidden, head, info = final_hidden(folder, ids, config_from)
         rel, worst = logit_error(hidden, head, ref_hidden, ref_head)
         row = {"model": name, "rank": rank or "", "ppl": round(perplexity(hidden, head, targets), 3),
-               "ppl_last2k": round(perplexity(hidden, head, targets, last=2048), 3),
+               "ppl_last2k": round(perplexity(hidden, head, targets, last=min(2048, args.length)), 3),
                "logit_rel_err": f"{rel:.3e}", "logit_max_abs_err": f"{worst:.3e}", "length": args.length,
                "start_token": start, **info, **(extraction.get(rank, {}) if name == f"merged-r{rank}" else {})}
         append_result(path, FIELDS, row)

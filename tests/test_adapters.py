@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from easy_context.adapters import AdapterError, AdapterWarning, apply_adapter, extract_lora, truncated_svd  # noqa: E402
 from easy_context.adapters import longcontext as lc  # noqa: E402
+from easy_context.adapters.__main__ import main as cli_main  # noqa: E402
 from easy_context.training import get_rope_theta, set_rope_theta  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,6 +107,14 @@ def quiet_apply(*args, **kwargs):
     kwargs.setdefault("progress", False)
     kwargs.setdefault("log", None)
     return apply_adapter(*args, **kwargs)
+
+
+def cli_in_process(capsys, *args):
+    """The command line's main() in this process: (exit code, stdout, stderr) as a CompletedProcess."""
+    capsys.readouterr()  # drop what was printed before
+    code = cli_main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
 
 def cli(*args, timeout=300):
@@ -294,6 +303,28 @@ def test_include_exclude_and_bf16(tmp_path):
     peft_model(base_dir, tmp_path / "a")  # loads
 
 
+def test_sharded_bfloat16_checkpoints(tmp_path):
+    """Sharded bf16 checkpoints (an index file and several shards) in, the same shard layout and dtype out."""
+    base_dir, tuned_dir, known = make_pair(tmp_path / "fp32", "llama")
+    for name in ("base", "tuned"):
+        model = load(base_dir if name == "base" else tuned_dir).to(torch.bfloat16)
+        model.save_pretrained(tmp_path / name, max_shard_size="40KB")
+    assert len(list((tmp_path / "base").glob("*.safetensors"))) > 2
+    adapter = tmp_path / "adapter"
+    quiet_extract(tmp_path / "base", tmp_path / "tuned", adapter, 4)
+    for module in ("model.layers.0.self_attn.q_proj", "lm_head"):
+        # bf16 rounding of both weights is the only error left.
+        assert rel_err(factors(adapter, module), known[module]) < 2e-2
+    quiet_apply(tmp_path / "base", adapter, tmp_path / "merged")
+    index = json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == json.loads((tmp_path / "base" / "model.safetensors.index.json").read_text())[
+        "weight_map"]
+    merged, tuned = load(tmp_path / "merged"), load(tmp_path / "tuned")
+    assert next(AutoModelForCausalLM.from_pretrained(tmp_path / "merged").parameters()).dtype == torch.bfloat16
+    assert get_rope_theta(merged.config) == TUNED_THETA
+    assert rel_err(logits(merged), logits(tuned)) < 2e-2
+
+
 # ---------------------------------------------------------------------------------------------------- RoPE config
 
 
@@ -376,13 +407,16 @@ def llama_adapter(tmp_path_factory):
     return root
 
 
-def test_help():
-    for args in ([], ["extract"], ["apply"]):
-        proc = cli(*args, "--help")
-        assert proc.returncode == 0 and "usage:" in proc.stdout
+def test_help(capsys):
+    proc = cli("--help")
+    assert proc.returncode == 0 and "usage:" in proc.stdout and "extract" in proc.stdout
+    for command in ("extract", "apply"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main([command, "--help"])
+        assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
 
 
-def test_bad_inputs(tmp_path, llama_adapter):
+def test_bad_inputs(tmp_path, llama_adapter, capsys):
     root = llama_adapter
     adapter = root / "adapter"
     tiny_model("qwen2", max_position_embeddings=BASE_MAX_POS).save_pretrained(tmp_path / "qwen2")
@@ -390,13 +424,14 @@ def test_bad_inputs(tmp_path, llama_adapter):
     tiny_model("llama", num_hidden_layers=1, max_position_embeddings=BASE_MAX_POS).save_pretrained(tmp_path / "short")
     tiny_model("llama", tie_word_embeddings=True, max_position_embeddings=BASE_MAX_POS).save_pretrained(tmp_path / "t")
 
-    # The command line: one line naming the problem, exit code 2, no traceback.
+    # The command line: one line naming the problem, exit code 2, no traceback (one real process, then main()).
     _one_line_error(cli("apply", "--model", tmp_path / "qwen2", "--adapter", adapter, "--out", tmp_path / "x"),
                     "architecture", "qwen2")
-    _one_line_error(cli("apply", "--model", tmp_path / "wide", "--adapter", adapter, "--out", tmp_path / "x"),
-                    "model.layers.0.mlp.down_proj.weight", "(64, 128)", "(64, 96)")
-    _one_line_error(cli("extract", "--base", root / "base", "--tuned", tmp_path / "wide", "--out", tmp_path / "y",
-                        "--rank", 4), "model.layers.0.mlp.gate_proj.weight", "(96, 64)", "(128, 64)")
+    _one_line_error(cli_in_process(capsys, "apply", "--model", tmp_path / "wide", "--adapter", adapter, "--out",
+                                   tmp_path / "x"), "model.layers.0.mlp.down_proj.weight", "(64, 128)", "(64, 96)")
+    _one_line_error(cli_in_process(capsys, "extract", "--base", root / "base", "--tuned", tmp_path / "wide", "--out",
+                                   tmp_path / "y", "--rank", 4),
+                    "model.layers.0.mlp.gate_proj.weight", "(96, 64)", "(128, 64)")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
     # The same errors from the library, and the others.

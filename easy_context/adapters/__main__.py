@@ -73,25 +73,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     def show_warning(message, category, filename, lineno, file=None, line=None):
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
-    warnings.showwarning = show_warning
-    warnings.simplefilter("always", AdapterWarning)
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    try:
-        if args.command == "extract":
-            from .extract import extract_lora
+    with warnings.catch_warnings():  # restores the caller's warning settings afterwards
+        warnings.showwarning = show_warning
+        warnings.simplefilter("always", AdapterWarning)
+        try:
+            if args.command == "extract":
+                from .extract import extract_lora
 
-            extract_lora(args.base, args.tuned, args.out, args.rank, energy=args.energy, include=args.include,
-                         exclude=args.exclude, embeddings=args.embeddings, undecomposable=args.undecomposable,
-                         dtype=args.dtype, device=args.device, overwrite=args.overwrite, progress=not args.quiet,
-                         log=log)
-        else:
-            from .merge import apply_adapter
+                extract_lora(args.base, args.tuned, args.out, args.rank, energy=args.energy, include=args.include,
+                             exclude=args.exclude, embeddings=args.embeddings, undecomposable=args.undecomposable,
+                             dtype=args.dtype, device=args.device, overwrite=args.overwrite,
+                             progress=not args.quiet, log=log)
+            else:
+                from .merge import apply_adapter
 
-            apply_adapter(args.model, args.adapter, args.out, overwrite=args.overwrite, progress=not args.quiet,
-                          log=log)
-    except (AdapterError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+                apply_adapter(args.model, args.adapter, args.out, overwrite=args.overwrite, progress=not args.quiet,
+                              log=log)
+        except (AdapterError, CheckpointError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
     return 0
 
 

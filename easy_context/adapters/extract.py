@@ -519,7 +519,7 @@ def format_report(report: dict) -> List[str]:
         f"adapter: {_mb(report['adapter_bytes'])} ({report['dtype']}), "
         f"{100 * report['adapter_bytes'] / max(report['tuned_checkpoint_bytes'], 1):.1f}% of the tuned checkpoint",
         "modules: " + ", ".join(f"{v} {k}" for k, v in sorted(c.items())) +
-        (f"; ranks {report['ranks']}" if report["ranks"] else ""),
+        ("; ranks " + ", ".join(f"{k} ×{v}" for k, v in report["ranks"].items()) if report["ranks"] else ""),
     ]
     if report["retained_energy_overall"] is not None:
         lines.append(f"retained energy: {100 * report['retained_energy_overall']:.2f}% overall, lowest "
