@@ -2,10 +2,11 @@
 each into the original model, and compare with the fine-tune.
 
 For every rank: ``extract_lora(base, tuned)`` in a fresh process (its time, adapter size and peak RSS above the
-process's RSS before it), ``apply_adapter(base, adapter)``, then one forward pass of ``--length`` tokens of Austen through base, tuned and
-every merged model. Reported per model: perplexity over the window, and the logits' error against the tuned model's
-(relative Frobenius norm over the whole window, and the largest absolute difference), computed from the final
-hidden states chunk by chunk so that ``length × vocab`` logits never exist at once.
+process's RSS before it), ``apply_adapter(base, adapter)``, then one forward pass of ``--length`` tokens of Austen
+through base, tuned and every merged model. Reported per model: perplexity over the window (and over its last 2,048
+tokens), and the logits' error against the tuned model's (relative Frobenius norm over the whole window, and the
+largest absolute difference), computed from the final hidden states chunk by chunk so that ``length × vocab``
+logits never exist at once.
 
 Two more rows show what the long-context config is worth: ``base+rope`` is the original weights with the tuned
 config (RoPE base raised, no training), and ``merged-r<max>-naive`` is the highest-rank merge with the *base's*

@@ -467,11 +467,11 @@ def test_undecomposable_modules(tmp_path, monkeypatch):
         specs = real(model)
         for s in specs:
             if s.name == "model.layers.0.self_attn.q_proj":
-                s.kind = "other"
+                s.kind, s.cls = "other", "FusedExperts"
         return specs
 
     monkeypatch.setattr(ex, "module_specs", pretend_q_is_fused)
-    with pytest.raises(AdapterError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight.*--undecomposable"):
+    with pytest.raises(AdapterError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight.*FusedExperts.*--undecomp"):
         quiet_extract(base_dir, tuned_dir, tmp_path / "a", 4)
     report = quiet_extract(base_dir, tuned_dir, tmp_path / "b", 4, undecomposable="skip")
     assert report["skipped_undecomposable"] == ["model.layers.0.self_attn.q_proj"]

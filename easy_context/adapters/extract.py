@@ -403,9 +403,9 @@ def extract_lora(base, tuned, out, rank: int, *, energy: Optional[float] = None,
             if spec.kind == "other" or any(len(spec.params[p]) > 1 for p in own):
                 tensor = spec.full(changed[0])
                 if undecomposable == "error":
-                    raise AdapterError(f"{tensor}: changed, but a {spec.kind} module cannot be decomposed into LoRA "
-                                       f"factors; pass --undecomposable skip to leave it out or --undecomposable "
-                                       f"whole to save it whole")
+                    raise AdapterError(f"{tensor}: changed, but its module ({spec.cls}) is neither linear nor an "
+                                       f"embedding and cannot be decomposed into LoRA factors; pass --undecomposable "
+                                       f"skip to leave it out or --undecomposable whole to save it whole")
                 if undecomposable == "skip":
                     entry["action"] = "skipped"
                     continue
@@ -528,8 +528,8 @@ def format_report(report: dict) -> List[str]:
         lines.append(f"largest residual: {w['rel_residual']:.3g} relative (max |ΔW - BA| = "
                      f"{w['max_abs_residual']:.3g}) in {w['module']} at rank {w['rank']}")
     if report["saved_whole"]:
-        lines.append(f"saved whole: {', '.join(report['saved_whole'][:6])}"
-                     + (f" and {len(report['saved_whole']) - 6} more" if len(report["saved_whole"]) > 6 else ""))
+        lines.append(f"saved whole: {', '.join(report['saved_whole'][:3])}"
+                     + (f" and {len(report['saved_whole']) - 3} more" if len(report["saved_whole"]) > 3 else ""))
     if report["skipped_undecomposable"]:
         lines.append(f"skipped (undecomposable): {', '.join(report['skipped_undecomposable'])}")
     lcx = report["long_context"]

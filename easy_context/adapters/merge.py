@@ -170,21 +170,22 @@ def apply_adapter(model, adapter, out, *, overwrite: bool = False, progress: boo
         if base_arch.get("tie_word_embeddings") and tuned_arch.get("tie_word_embeddings") is False:
             untie[alias] = source  # the fine-tune untied them: so does the merged model
         else:
-            raise AdapterError(f"{alias}: {model} ties it to {source} (tie_word_embeddings=true), but the adapter "
+            raise AdapterError(f"{alias}: the model at {model} ties it to {source} (tie_word_embeddings=true), but "
+                               f"the adapter "
                                f"changes it separately (its base did not tie them); merge into an untied copy of "
                                f"the model")
     adapter_ties = sidecar.get("ties", {}).get("tuned", {}) if sidecar else {}
     for alias, source in adapter_ties.items():
         if source in ops and alias in ckpt and alias not in target_ties:
             raise AdapterError(f"{alias}: the adapter's model ties it to {source}, whose change the adapter carries "
-                               f"once for both, but {model} stores {alias} separately (tie_word_embeddings=false); "
-                               f"merge into a model with tied embeddings")
+                               f"once for both, but the model at {model} stores {alias} separately "
+                               f"(tie_word_embeddings=false); merge into a model with tied embeddings")
 
     # Every changed tensor must exist in the target with the adapter's shape.
     for name, op in ops.items():
         stored = name if name in ckpt else (untie.get(name) or target_ties.get(name))
         if stored is None or stored not in ckpt:
-            raise AdapterError(f"{name}: changed by the adapter but not in {model}")
+            raise AdapterError(f"{name}: changed by the adapter but not in the model at {model}")
         shape = tuple(ckpt.info(stored).shape)
         if op.kind in ("replace", "add"):
             got = tuple(weights.info(op.A).shape)
@@ -194,7 +195,7 @@ def apply_adapter(model, adapter, out, *, overwrite: bool = False, progress: boo
             if a[0] != b[1]:
                 raise AdapterError(f"{op.A}: LoRA factors of ranks {a[0]} and {b[1]} do not fit together")
         if got != shape:
-            raise AdapterError(f"{name}: the adapter's tensor is {got} but {model} has {shape}")
+            raise AdapterError(f"{name}: the adapter's tensor is {got} but the model at {model} has {shape}")
 
     if out.resolve() == model.resolve():
         raise AdapterError(f"--out must differ from --model ({model})")

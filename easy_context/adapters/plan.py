@@ -30,6 +30,7 @@ class ModuleSpec:
     kind: str  # "linear", "embedding", "small" (only 0-D/1-D parameters: norms, biases), "other"
     params: Dict[str, Tuple[int, ...]] = field(default_factory=dict)  # local name -> shape
     tied: Dict[str, str] = field(default_factory=dict)  # local name -> full name of the parameter it is tied to
+    cls: str = ""  # the module's class name
 
     def full(self, param: str) -> str:
         return f"{self.name}.{param}" if self.name else param
@@ -63,7 +64,7 @@ def module_specs(model) -> List[ModuleSpec]:
             kind = "small"
         else:
             kind = "other"
-        spec = ModuleSpec(mname, kind)
+        spec = ModuleSpec(mname, kind, cls=type(module).__name__)
         for pname, p in own:
             spec.params[pname] = tuple(p.shape)
             owner = first_name[id(p)]
