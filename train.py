@@ -16,10 +16,6 @@ import os
 import time
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
-from tqdm import tqdm
-from transformers import AutoTokenizer, get_constant_schedule_with_warmup
 
 import easy_context as ec
 from easy_context import cli
@@ -75,6 +71,11 @@ args.resume = args.output_dir if args.resume == "" else args.resume
 cli.install_error_handler("train.py", dist_timeout=args.dist_timeout, cleanup=T.release_locks)
 
 # ---------------------------------------------------------------------------------------------------- processes
+from accelerate import Accelerator  # noqa: E402 - imported after the options: a wrong option fails in a second
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from transformers import AutoTokenizer, get_constant_schedule_with_warmup  # noqa: E402
+
 trackers = (["wandb"] if args.wandb else []) + (["tensorboard"] if args.tensorboard else [])
 # On CPU, accelerate needs the gloo backend named, or it sees one process (a plain `python train.py` needs none).
 launched = int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -366,8 +366,8 @@ def test_defect7_resume_without_a_checkpoint_is_one_clear_line(tmp_path, dataset
 
 
 def test_defect7_mostly_padding_warns(tmp_path, dataset):
-    proc = ok(train(*TINY, "--dataset", dataset, "--seq-length", "4096", "--steps", "1", "--output-dir",
-                    str(tmp_path)))
+    proc = ok(train(*TINY, "--dataset", dataset, "--seq-length", "4096", "--loss-chunk-size", "512", "--steps", "1",
+                    "--output-dir", str(tmp_path)))
     (line,) = [line for line in proc.stderr.splitlines() if "train.py: warning:" in line]
     assert "of the training tokens are padding" in line and "lower --seq-length" in line
     share = int(line.split("warning: ")[1].split("%")[0])
