@@ -406,10 +406,13 @@ def fingerprint_tensors(*tensors) -> str:
     return h.hexdigest()[:16]
 
 
-# Options whose change re-cuts or re-orders the data: (signature key, option).
+# Options that shape the packed data (signature key, option): judged by the data's fingerprint when the checkpoint
+# has one (a dataset moved to another path is the same data), by the option itself otherwise.
 _DATA_OPTIONS = (("dataset", "--dataset"), ("text_field", "--text-field"), ("no_pack", "--no-pack"),
                  ("reset_position_ids", "--reset-position-ids"), ("tokenizer", "--tokenizer"),
-                 ("seq_length", "--seq-length"), ("seed", "--seed"))
+                 ("seq_length", "--seq-length"))
+# Options that order the data without changing it.
+_ORDER_OPTIONS = (("seed", "--seed"),)
 # Options that change which weights the checkpoint's state belongs to.
 _MODEL_OPTIONS = (("model", "--model"), ("num_layers", "--num-layers"), ("rope_theta", "--rope-theta"))
 # Options that may change freely (reported, not refused).
@@ -421,7 +424,7 @@ _FREE = ("learning_rate", "warmup_steps", "weight_decay", "max_grad_norm", "step
 def run_signature(args, *, num_processes: int, dp_size: int, sp_size: int, layout: str, num_samples: int,
                   data_fingerprint: str, deepspeed_stage: Optional[int]) -> dict:
     """What a checkpoint must agree on with the run that resumes it (saved in ``trainer_state.json``)."""
-    options = {key: getattr(args, key) for key, _ in _DATA_OPTIONS + _MODEL_OPTIONS}
+    options = {key: getattr(args, key) for key, _ in _DATA_OPTIONS + _ORDER_OPTIONS + _MODEL_OPTIONS}
     return dict(options, global_batch=args.batch_size * dp_size * args.grad_accum, batch_size=args.batch_size,
                 grad_accum=args.grad_accum, num_processes=num_processes, dp_size=dp_size, sp_size=sp_size,
                 layout=layout, parallel_mode=args.parallel_mode, num_samples=num_samples,
@@ -431,7 +434,7 @@ def run_signature(args, *, num_processes: int, dp_size: int, sp_size: int, layou
 def _legacy_signature(state: dict) -> dict:
     """A signature rebuilt from a checkpoint saved before signatures existed (its options and data position)."""
     args = state.get("args", {})
-    sig = {key: args.get(key) for key, _ in _DATA_OPTIONS + _MODEL_OPTIONS}
+    sig = {key: args.get(key) for key, _ in _DATA_OPTIONS + _ORDER_OPTIONS + _MODEL_OPTIONS}
     step = state.get("step") or 0
     if step and state.get("data_position") is not None:
         sig["global_batch"] = state["data_position"] // step
@@ -461,14 +464,29 @@ def compare_signatures(saved_state: dict, now: dict, args=None) -> Tuple[List[st
     """
     saved = saved_state.get("run") or _legacy_signature(saved_state)
     refusals, notes = [], []
-    for key, option in _DATA_OPTIONS + _MODEL_OPTIONS:
-        if key in saved and saved[key] != now[key]:
-            why = "re-cuts or re-orders the data" if (key, option) in _DATA_OPTIONS else "changes the model"
-            refusals.append(f"{option} {_show(now[key])} differs from the checkpoint's {_show(saved[key])} "
-                            f"(it {why}): resume with {option} {_show(saved[key])}")
-    if not refusals and saved.get("data_fingerprint") and saved["data_fingerprint"] != now["data_fingerprint"]:
+
+    def changed(options):
+        return [(key, option) for key, option in options if key in saved and saved[key] != now[key]]
+
+    def refuse(key, option, why):
+        refusals.append(f"{option} {_show(now[key])} differs from the checkpoint's {_show(saved[key])} "
+                        f"(it {why}): resume with {option} {_show(saved[key])}")
+
+    data_options = changed(_DATA_OPTIONS)
+    same_data = saved.get("data_fingerprint") is not None and saved["data_fingerprint"] == now["data_fingerprint"]
+    for key, option in data_options:
+        if same_data:
+            notes.append(f"{option} is {_show(now[key])} (the checkpoint's run had {_show(saved[key])}); the "
+                         "packed data is the same")
+        else:
+            refuse(key, option, "re-cuts the data")
+    if not data_options and saved.get("data_fingerprint") is not None and not same_data:
         refusals.append("the dataset's content differs from the checkpoint's (same options, other tokens): resume "
                         "on the data the run started with")
+    for key, option in changed(_ORDER_OPTIONS):
+        refuse(key, option, "re-orders the data")
+    for key, option in changed(_MODEL_OPTIONS):
+        refuse(key, option, "changes the model")
     if saved.get("global_batch") is not None and saved["global_batch"] != now["global_batch"]:
         changed = [f"{opt} {saved.get(key)} -> {now[key]}" for key, opt in
                    (("batch_size", "--batch-size"), ("grad_accum", "--grad-accum"), ("dp_size", "data-parallel size"))

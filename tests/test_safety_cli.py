@@ -203,3 +203,34 @@ def test_benchmarks_use_the_shared_names_and_keep_the_old_ones(script, names):
     bad = subprocess.run([PYTHON, f"benchmarks/{script}", "--lengths", "0"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("error:") == 1 and "Traceback" not in bad.stderr, bad.stderr
+
+
+def _now(**changes):
+    values = dict(dataset="austen", text_field="text", no_pack=False, reset_position_ids=False, tokenizer=None,
+                  seq_length=128, seed=0, model="tiny", num_layers=None, rope_theta=None, batch_size=1,
+                  grad_accum=2, parallel_mode="zigzag_ring_attn")
+    values.update(changes.pop("args", {}))
+    args = Namespace(**values)
+    sig = dict(num_processes=2, dp_size=1, sp_size=2, layout="zigzag", num_samples=9, data_fingerprint="d1",
+               deepspeed_stage=None)
+    sig.update(changes)
+    return S.run_signature(args, **sig), args
+
+
+def test_a_moved_dataset_with_the_same_tokens_resumes_and_deepspeed_keeps_its_process_count():
+    saved, _ = _now()
+    moved, args = _now(args={"dataset": "/elsewhere/austen.jsonl"})
+    refusals, notes = S.compare_signatures({"run": saved, "args": {}}, moved, args)
+    assert refusals == [] and any("--dataset is /elsewhere/austen.jsonl" in n for n in notes)
+    edited, args = _now(args={"dataset": "/elsewhere/austen.jsonl"}, data_fingerprint="d2")
+    refusals, _ = S.compare_signatures({"run": saved, "args": {}}, edited, args)
+    assert refusals and "--dataset /elsewhere/austen.jsonl differs" in refusals[0]
+    one_process, args = _now(num_processes=1, sp_size=1)
+    refusals, notes = S.compare_signatures({"run": saved, "args": {}}, one_process, args)
+    assert refusals == [] and "resuming on 1 process (the checkpoint was written by 2)" in notes[0]
+    zero3, _ = _now(deepspeed_stage=3)
+    zero3_one, args = _now(deepspeed_stage=3, num_processes=1, sp_size=1)
+    refusals, _ = S.compare_signatures({"run": zero3, "args": {}}, zero3_one, args)
+    assert refusals == ["the DeepSpeed checkpoint holds partitions of 2 processes: resume on 2 processes"]
+    refusals, _ = S.compare_signatures({"run": saved, "args": {}}, zero3, args)
+    assert refusals == ["the checkpoint was written without DeepSpeed: resume without it"]
