@@ -32,8 +32,7 @@ from .comm import group_rank, group_size
 from .mesh import get_sequence_parallel_group
 from .methods import Method, get_method
 
-__all__ = ["apply_seq_parallel_monkey_patch", "sp_attention_forward", "reject_unsupported_features",
-           "patched_method"]
+__all__ = ["apply_seq_parallel_monkey_patch", "sp_attention_forward", "reject_unsupported_features"]
 
 _DYNAMIC = object()  # "the current sequence-parallel group", resolved at every call
 
@@ -44,8 +43,8 @@ def _attention_interfaces():
         from transformers.masking_utils import AttentionMaskInterface
     except ImportError as err:  # pragma: no cover - exercised only with old transformers
         raise ImportError(
-            "easy_context needs transformers>=4.54.1 (AttentionInterface, AttentionMaskInterface and "
-            "set_attn_implementation): pip install -U 'transformers>=4.54.1'"
+            "easy_context needs transformers>=4.56.2 (AttentionInterface, AttentionMaskInterface and "
+            "set_attn_implementation): pip install -U 'transformers>=4.56.2'"
         ) from err
     return AttentionInterface, AttentionMaskInterface
 
@@ -122,17 +121,6 @@ def _make_binding(method: Method, model, group, options: dict) -> _Binding:
     elif options:
         raise TypeError(f"{method.name} takes no options, got {sorted(options)}")
     return _Binding(method, group)
-
-
-def patched_method(model) -> Optional[Method]:
-    """The method ``model`` was switched to with :func:`apply_seq_parallel_monkey_patch`, or ``None``."""
-    binding = _BINDINGS.get(model)
-    if binding is not None and getattr(model.config, "_attn_implementation", None) == \
-            binding.method.attn_implementation:
-        return binding.method
-    config = getattr(model, "config", None)
-    name = getattr(config, "_attn_implementation", None)
-    return _REGISTERED.get(name) if isinstance(name, str) else None
 
 
 # ---------------------------------------------------------------------------------------------- the attention
@@ -214,7 +202,8 @@ def _base_property(config_class):
         prop = klass.__dict__.get("_attn_implementation")
         if isinstance(prop, property):
             return prop
-    raise TypeError(f"{config_class.__name__} has no _attn_implementation property: transformers>=4.54.1 is needed")
+    raise TypeError(f"{config_class.__name__} has no _attn_implementation property: "
+                    "transformers>=4.56.2 is needed")
 
 
 def _install_family_hook(config_class) -> None:

@@ -22,7 +22,7 @@ CASES = [
     ("qwen3", "qwen3", {"head_dim": 16}, "exact"),
     ("qwen2_moe", "qwen2_moe", {**MOE, "shared_expert_intermediate_size": 32}, "exact"),
     ("qwen2_moe+window", "qwen2_moe", {**MOE, "shared_expert_intermediate_size": 32, "use_sliding_window": True,
-                                       "sliding_window": 16, "max_window_layers": 2}, "sliding-window attention"),
+                                       "sliding_window": 16, "max_window_layers": 1}, "sliding-window attention"),
     ("qwen3_moe", "qwen3_moe", {**MOE, "head_dim": 16}, "exact"),
     ("mixtral", "mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}, "exact"),
     ("phi3", "phi3", {"pad_token_id": 0}, "exact"),
@@ -79,9 +79,7 @@ def zoo_model(model_type: str, overrides: dict, seed: int = 0):
         if hasattr(config, name):
             setattr(config, name, 0.0)
     torch.manual_seed(seed)
-    try:
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    except ValueError:  # a family without an SDPA path (Gemma-2)
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    # Gemma-2's softcapping is computed only by its eager path (SDPA ignores it where the family offers SDPA at all).
+    implementation = "eager" if model_type == "gemma2" else "sdpa"
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
     return model.eval()

@@ -8,6 +8,7 @@ chunked attention, softcapping and position-dependent query scaling.
 
 import pytest
 import torch
+import transformers
 import torch.distributed as dist
 
 from distributed import run_distributed
@@ -98,6 +99,8 @@ def test_refused_configs_would_be_wrong():
         model = zoo_model(model_type, overrides)
         with pytest.raises(ValueError, match=expected):
             ec.apply_seq_parallel_monkey_patch("ring_attn", model)
+        if model_type == "llama4_text" and transformers.__version__.startswith("4."):
+            continue  # 4.x's Llama-4 cannot build its own causal mask without attention_chunk_size
         fixed = zoo_model(model_type, {**overrides, **FIXES[name]})
         ec.apply_seq_parallel_monkey_patch("ring_attn", fixed)  # the fix is accepted
         with torch.no_grad():
