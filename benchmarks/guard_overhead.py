@@ -79,8 +79,8 @@ def main():
         with_guard, without = statistics.median(times["guard"]), statistics.median(times["none"])
         rows.append((seq_len, with_guard, without, guard_alone))
     if rank == 0:
-        lines = [f"| tokens | step with guard (s) | step without (s) | with / without | guard call (ms) | "
-                 f"guard call / step |", "| --- | --- | --- | --- | --- | --- |"]
+        lines = ["| tokens | step with guard (s) | step without (s) | with / without | guard call (ms) | "
+                 "guard call / step |", "| --- | --- | --- | --- | --- | --- |"]
         for seq_len, g, n_, alone in rows:
             lines.append(f"| {seq_len} | {g:.3f} | {n_:.3f} | {g / n_:.3f} | {alone * 1e3:.3f} | "
                          f"{alone / n_ * 100:.3f}% |")

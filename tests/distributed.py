@@ -73,3 +73,22 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300, collective
             if p.is_alive():
                 p.terminate()
     return [out[r] for r in range(world_size)]
+
+
+def sharded_step(model, method, input_ids, position_ids, target_ids, rank, world_size):
+    """One sequence-parallel forward+backward of a patched model, as a training loop runs it.
+
+    Returns the loss, the gathered full-sequence logits and every parameter's gradient averaged over the ranks (as
+    DDP, DeepSpeed and accelerate average them)."""
+    import easy_context as ec
+
+    local = ec.prepare_seq_parallel_inputs(method, input_ids, position_ids, target_ids, rank, world_size, "cpu")
+    logits = model(local["local_input_ids"], position_ids=local["local_position_ids"]).logits
+    loss = ec.seq_parallel_cross_entropy(logits, local["local_target_ids"])
+    loss.backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        g = (p.grad if p.grad is not None else torch.zeros_like(p)).contiguous()
+        dist.all_reduce(g)
+        grads[name] = g / world_size
+    return loss.detach(), ec.gather_seq_parallel(logits.detach(), method), grads

@@ -9,9 +9,8 @@ chunked attention, softcapping and position-dependent query scaling.
 import pytest
 import torch
 import transformers
-import torch.distributed as dist
 
-from distributed import run_distributed
+from distributed import run_distributed, sharded_step
 from model_zoo import CASES, FIXES, zoo_model
 from reference import FP32_TOL, rel_err
 
@@ -28,24 +27,13 @@ def _batch():
 
 
 def _loss_logits_grads(model, input_ids, position_ids, targets, method=None, rank=0, world_size=1):
-    import easy_context as ec
-
     if method is None:
         logits = model(input_ids, position_ids=position_ids).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         loss.backward()
         return loss.detach(), logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
                                                 if p.grad is not None}
-    local = ec.prepare_seq_parallel_inputs(method, input_ids, position_ids, targets, rank, world_size, "cpu")
-    logits = model(local["local_input_ids"], position_ids=local["local_position_ids"]).logits
-    loss = ec.seq_parallel_cross_entropy(logits, local["local_target_ids"])
-    loss.backward()
-    grads = {}
-    for name, p in model.named_parameters():
-        g = (p.grad if p.grad is not None else torch.zeros_like(p)).contiguous()
-        dist.all_reduce(g)
-        grads[name] = g / world_size
-    return loss.detach(), ec.gather_seq_parallel(logits.detach(), method), grads
+    return sharded_step(model, method, input_ids, position_ids, targets, rank, world_size)
 
 
 def _sweep(rank, world_size):

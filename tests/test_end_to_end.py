@@ -5,9 +5,8 @@ Gradients are compared after averaging over ranks, as DDP, DeepSpeed and acceler
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from distributed import run_distributed
+from distributed import run_distributed, sharded_step
 from reference import FP32_TOL, rel_err
 from tiny_models import FAMILIES, tiny_batch, tiny_model
 
@@ -23,17 +22,8 @@ def _sequence_parallel_step(rank, world_size, method):
         model = tiny_model(family)
         ec.apply_seq_parallel_monkey_patch(method, model)
         input_ids, position_ids, target_ids = tiny_batch(SEQ_LEN, masked_prefix=37)
-        local = ec.prepare_seq_parallel_inputs(method, input_ids, position_ids, target_ids, rank, world_size, "cpu")
-        logits = model(local["local_input_ids"], position_ids=local["local_position_ids"]).logits
-        loss = ec.seq_parallel_cross_entropy(logits, local["local_target_ids"])
-        loss.backward()
-        grads = {}
-        for name, p in model.named_parameters():
-            g = p.grad.contiguous()
-            dist.all_reduce(g)
-            grads[name] = g / world_size
-        full_logits = ec.gather_seq_parallel(logits.detach(), method)
-        results[family] = (loss.detach(), grads, full_logits)
+        loss, full_logits, grads = sharded_step(model, method, input_ids, position_ids, target_ids, rank, world_size)
+        results[family] = (loss, grads, full_logits)
     return results if rank == 0 else None
 
 
