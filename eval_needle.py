@@ -128,8 +128,9 @@ def main(argv=None) -> int:
                              intro=args.intro, answer=args.answer, digits=args.rnd_number_digits,
                              distractors=args.distractors, distractor=args.distractor,
                              chat_template=not args.no_chat_template, seed=args.seed)
-    if "{answer}" not in config.needle:
-        raise cli.UserError(f"--needle {config.needle!r} has no {{answer}} placeholder: add one where the answer goes")
+    if "{answer}" not in config.needle and config.answer is None:
+        raise cli.UserError(f"--needle {config.needle!r} has no {{answer}} placeholder, so no trial could be right: "
+                            "add one where the random answer goes, or give the expected answer with --answer")
     config_key = config.key()
     out_dir = Path(args.output_dir)
     trials_path = out_dir / "trials.jsonl"
