@@ -152,7 +152,7 @@ def test_defect6_needle_results_are_keyed_on_the_haystack_and_the_model(place):
     ("eval_needle.py", ["--depths", "1.5"], "argument --depths: expected a number 0..1, got 1.5"),
     ("eval_needle.py", ["--haystack-dir", "/nonexistent"], "no .txt files in /nonexistent"),
     ("eval_needle.py", ["-m", "{a}@zigzag_ring_attn", "--scoring", "generate"], "needs a KV cache"),
-    ("eval_needle.py", ["--needle", "A needle without its number."], "has no {{answer}} placeholder"),
+    ("eval_needle.py", ["--needle", "A needle without its number."], "has no {answer} placeholder"),
 ])
 def test_defect7_eval_user_errors_are_one_line(place, tmp_path, script, args, fragment):
     args = [a.format(a=place / "a" / "tiny", texts1=place / "texts1") for a in args]
