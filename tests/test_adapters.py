@@ -253,6 +253,51 @@ def test_tied_embeddings_lora(tmp_path):
     assert rel_err(logits(merged), logits(tuned)) <= 1e-4
 
 
+def test_tuned_model_that_unties_the_embeddings(tmp_path):
+    """Base ties the LM head to the embedding, the fine-tune stores its own: the merged model is untied."""
+    base = tiny_model("llama", tie_word_embeddings=True, max_position_embeddings=BASE_MAX_POS)
+    base.save_pretrained(tmp_path / "base")
+    tuned = tiny_model("llama", tie_word_embeddings=False, max_position_embeddings=BASE_MAX_POS)
+    tuned.load_state_dict(base.state_dict(), strict=False)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        tuned.lm_head.weight.copy_(base.lm_head.weight + _known_delta(tuned.lm_head.weight.shape, 4, gen))
+        tuned.model.embed_tokens.weight += _known_delta(tuned.model.embed_tokens.weight.shape, 4, gen)
+    tuned.save_pretrained(tmp_path / "tuned")
+    report = quiet_extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "adapter", 4)
+    actions = {m["module"]: m["action"] for m in report["modules"]}
+    assert actions["lm_head"] == "lora" and actions["model.embed_tokens"] == "lora"
+    info = quiet_apply(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
+    assert info["untied"] == ["lm_head.weight"]
+    merged = load(tmp_path / "merged")
+    assert not merged.config.tie_word_embeddings
+    assert rel_err(logits(merged, 48), logits(load(tmp_path / "tuned"), 48)) <= 1e-4
+
+
+def test_merges_adapters_made_by_peft(tmp_path):
+    """An adapter trained with PEFT (rsLoRA scaling, lora_bias, a rank pattern, modules_to_save) merges as PEFT's
+    merge_and_unload does."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model("qwen2")
+    base.save_pretrained(tmp_path / "base")
+    config = LoraConfig(r=4, lora_alpha=8, use_rslora=True, lora_bias=True, target_modules=["q_proj", "v_proj"],
+                        rank_pattern={"v_proj": 2}, modules_to_save=["norm"], init_lora_weights=False)
+    pm = get_peft_model(tiny_model("qwen2"), config)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen) + (1.0 if "norm" in name else 0.0))
+    pm.save_pretrained(tmp_path / "adapter")
+    with pytest.warns(AdapterWarning, match="long_context.json"):
+        quiet_apply(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
+    ours = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    theirs = pm.merge_and_unload().state_dict()
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-6
+    assert not torch.equal(ours["model.norm.weight"], base.model.norm.weight)
+
+
 def test_embeddings_whole_norms_and_biases(tmp_path):
     """Qwen2 with changed biases, norms and untied embeddings saved whole: PEFT's unmerged model and our merge
     both reproduce the tuned model."""
