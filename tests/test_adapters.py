@@ -390,6 +390,11 @@ def test_merge_into_another_finetune_warns_and_writes_tuned_rope(tmp_path):
     assert "rope_theta: 50000" in msg and "max_position_embeddings: 128" in msg and "rope_theta=1e+06" in msg
     merged = load(tmp_path / "merged")
     assert get_rope_theta(merged.config) == TUNED_THETA and merged.config.max_position_embeddings == TUNED_MAX_POS
+    (tmp_path / "merged" / "notes.txt").write_text("kept")
+    with pytest.warns(AdapterWarning):
+        quiet_apply(tmp_path / "other", adapter, tmp_path / "merged", overwrite=True)
+    assert (tmp_path / "merged" / "notes.txt").read_text() == "kept"
+    assert rel_err(logits(load(tmp_path / "merged")), logits(merged)) == 0
 
     proc = cli("apply", "--model", tmp_path / "other", "--adapter", adapter, "--out", tmp_path / "m2", "--quiet")
     assert proc.returncode == 0, proc.stderr
@@ -487,7 +492,8 @@ def test_bad_inputs(tmp_path, llama_adapter, capsys):
     refused(quiet_apply, tmp_path / "short", adapter, tmp_path / "x", match=r"model\.layers\.1\..*not in")
     refused(quiet_apply, tmp_path / "t", adapter, tmp_path / "x", match=r"lm_head\.weight.*tie")
     refused(quiet_extract, root / "base", tmp_path / "qwen2", tmp_path / "y", 4, match="architecture")
-    refused(quiet_apply, root / "base", adapter, adapter, match="--overwrite")
+    refused(quiet_apply, root / "base", adapter, root / "tuned", match="--overwrite")
+    refused(quiet_apply, root / "base", adapter, adapter, match="must differ")
     refused(quiet_extract, root / "base", root / "base", tmp_path / "y", 4, match="equals the base")
     refused(quiet_extract, root / "base", root / "tuned", tmp_path / "y", 0, match="--rank")
     with pytest.raises(FileNotFoundError, match="config.json"):

@@ -197,12 +197,14 @@ def apply_adapter(model, adapter, out, *, overwrite: bool = False, progress: boo
         if got != shape:
             raise AdapterError(f"{name}: the adapter's tensor is {got} but the model at {model} has {shape}")
 
-    if out.resolve() == model.resolve():
-        raise AdapterError(f"--out must differ from --model ({model})")
+    if out.resolve() in (model.resolve(), adapter.resolve()):
+        raise AdapterError(f"--out must differ from --model and --adapter ({out})")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise AdapterError(f"{out} exists and is not empty: choose a new folder or pass --overwrite")
-        shutil.rmtree(out)
+        for path in out.iterdir():  # only what a merge writes; anything else in the folder is left alone
+            if path.is_file() and (path.name in ("config.json", INDEX_FILE) or path.name.endswith(WEIGHT_SUFFIXES)):
+                path.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
     # Stream every shard: read, change, write.
