@@ -1,32 +1,40 @@
 """What the shard guard costs: a training step with and without it, side by side in one run.
 
-    torchrun --nproc_per_node 2 benchmarks/guard_overhead.py --seq-lens 2048 4096
+    torchrun --nproc_per_node 2 benchmarks/guard_overhead.py --lengths 2048 4096
 
 The guard (:func:`easy_context.checks.check_shards`) runs once per forward, at the first attention layer: every rank
 compares its ``position_ids`` with its shard of the layout and the ranks all-gather four integers. This script builds
 a model of SmolLM2-135M's shape (random weights, ``--layers`` decoder layers), and for each sequence length times
 forward+backward of a zigzag step with the guard and with it replaced by a no-op, alternating, and also times the
-guard call alone. It prints a markdown table (and writes it to ``--output``).
+guard call alone. It prints a markdown table (and writes it to ``--output-file``). Option names are shared with the
+other scripts (docs/cli.md).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from easy_context import cli  # noqa: E402
+from easy_context.cli import int_range  # noqa: E402
+
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-lens", nargs="+", type=int, default=[2048, 4096], help="tokens per step (default: %(default)s)")
-    p.add_argument("--layers", type=int, default=2, help="decoder layers (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per variant (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads per process (default: %(default)s)")
-    p.add_argument("--output", default=None, help="also write the table as markdown to this file")
+    p = cli.Parser(description=__doc__)
+    p.add_argument("--lengths", "--seq-lens", nargs="+", type=int_range(1), default=[2048, 4096],
+                   help="tokens per step")
+    p.add_argument("--layers", type=int_range(1), default=2, help="decoder layers")
+    p.add_argument("--repeats", type=int_range(1), default=3, help="timed steps per variant")
+    p.add_argument("--threads", type=int_range(1), default=1, help="CPU threads per process")
+    p.add_argument("--output-file", "--output", default=None, help="also write the table as markdown to this file")
     return p.parse_args()
 
 
@@ -49,7 +57,7 @@ def main():
     ec.apply_seq_parallel_monkey_patch(method, model)
     real_guard = patch.check_shards
     rows = []
-    for seq_len in args.seq_lens:
+    for seq_len in args.lengths:
         ids = torch.randint(0, config.vocab_size, (1, seq_len + 1), generator=torch.Generator().manual_seed(1))
         local = ec.prepare_seq_parallel_inputs(method, ids[:, :-1], None, ids[:, 1:], rank, world, "cpu")
 
@@ -87,9 +95,9 @@ def main():
         table = "\n".join(lines)
         print(f"zigzag_ring_attn, {world} ranks, {args.layers}-layer SmolLM2-135M shape, {args.threads} thread(s) per "
               f"process, medians of {args.repeats} forward+backward steps\n{table}")
-        if args.output:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-            with open(args.output, "w") as f:
+        if args.output_file:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output_file)), exist_ok=True)
+            with open(args.output_file, "w") as f:
                 f.write(table + "\n")
     dist.destroy_process_group()
 
