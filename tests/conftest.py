@@ -17,3 +17,19 @@ def _no_family_patch_leaks():
     leaked = {cls.__name__: name for cls, name in patch._FAMILY_IMPLEMENTATION.items()}
     patch._FAMILY_IMPLEMENTATION.clear()
     assert not leaked, f"the test left family patches in place: {leaked}"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Four Austen passages as a jsonl file: several documents (about 2.4K tokens, 19 samples of 128 tokens), for
+    the train.py tests."""
+    import json
+
+    from easy_context.assets import austen_texts
+
+    texts = list(austen_texts().values())
+    path = tmp_path_factory.mktemp("data") / "austen.jsonl"
+    with open(path, "w") as f:
+        for i, text in enumerate(texts[:4]):
+            f.write(json.dumps({"text": text[1000 * i: 1000 * i + 2500]}) + "\n")
+    return str(path)

@@ -81,19 +81,6 @@ def losses(out):
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """Four Austen passages as a jsonl file (about 2.4K tokens, 19 samples of 128 tokens)."""
-    from easy_context.assets import austen_texts
-
-    texts = list(austen_texts().values())
-    path = tmp_path_factory.mktemp("data") / "austen.jsonl"
-    with open(path, "w") as f:
-        for i, text in enumerate(texts[:4]):
-            f.write(json.dumps({"text": text[1000 * i: 1000 * i + 2500]}) + "\n")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def stopped(tmp_path_factory, dataset):
     """A 1-process run stopped after step 2 of 3 (checkpoints 1 and 2), as if interrupted."""
     out = tmp_path_factory.mktemp("stopped")

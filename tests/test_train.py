@@ -61,19 +61,6 @@ def _losses(out):
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """A few Austen passages as a jsonl file: several documents, so samples hold document boundaries."""
-    from easy_context.assets import austen_texts
-
-    texts = list(austen_texts().values())
-    path = tmp_path_factory.mktemp("data") / "austen.jsonl"
-    with open(path, "w") as f:
-        for i, text in enumerate(texts[:4]):
-            f.write(json.dumps({"text": text[1000 * i: 1000 * i + 2500]}) + "\n")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, dataset):
     out = tmp_path_factory.mktemp("reference")
     _train(out, "--dataset", dataset, "--parallel-mode", "data_parallel")
