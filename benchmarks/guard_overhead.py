@@ -46,7 +46,7 @@ def main():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import easy_context as ec
-    from easy_context import checks, patch
+    from easy_context import checks, hf_attention
 
     config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers,
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=65536,
@@ -55,7 +55,7 @@ def main():
     model = LlamaForCausalLM(config)
     method = "zigzag_ring_attn"
     ec.apply_seq_parallel_monkey_patch(method, model)
-    real_guard = patch.check_shards
+    real_guard = hf_attention.check_shards
     rows = []
     for seq_len in args.lengths:
         ids = torch.randint(0, config.vocab_size, (1, seq_len + 1), generator=torch.Generator().manual_seed(1))
@@ -73,10 +73,10 @@ def main():
         times = {"guard": [], "none": []}
         for _ in range(args.repeats):
             for variant in ("guard", "none"):
-                patch.check_shards = real_guard if variant == "guard" else (lambda *a, **k: None)
+                hf_attention.check_shards = real_guard if variant == "guard" else (lambda *a, **k: None)
                 times[variant].append(step())
                 model.zero_grad(set_to_none=True)
-        patch.check_shards = real_guard
+        hf_attention.check_shards = real_guard
         q = torch.empty(1, 9, local["local_input_ids"].shape[1], 64)
         dist.barrier()
         n = 200

@@ -17,8 +17,7 @@ from .mesh import (
     setup_mesh,
 )
 from .methods import available_methods, get_method
-from .methods.dca import replace_with_chunkllama
-from .patch import apply_seq_parallel_monkey_patch
+from .patch import apply_seq_parallel_monkey_patch, replace_with_chunkllama
 
 __version__ = "0.1.0"
 

@@ -43,6 +43,8 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
+from .model_config import text_config
+
 __all__ = ["enable_remat_aware_checkpointing", "disable_remat_aware_checkpointing", "is_remat_aware"]
 
 _LOCAL = threading.local()  # .frames: the stack of frames being run on this thread
@@ -249,7 +251,7 @@ def enable_remat_aware_checkpointing(model, gradient_checkpointing_kwargs: Optio
     layers = _checkpointing_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no layer that supports gradient checkpointing")
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model.config)
     _ensure_attention_wrapped(config._attn_implementation)
     for layer in layers:
         if not isinstance(layer._gradient_checkpointing_func, _RematCheckpoint):

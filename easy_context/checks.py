@@ -21,11 +21,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["reject_unsupported_features", "check_config", "config_problems", "check_shards", "ShardMismatch", "positions_restart"]
+from .model_config import text_config
 
-
-def text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+__all__ = ["reject_unsupported_features", "padding_mask_refuser", "check_config", "config_problems", "check_shards",
+           "ShardMismatch", "positions_restart"]
 
 
 def reject_unsupported_features(name: str, dropout: float, kwargs: dict) -> None:
@@ -36,6 +35,18 @@ def reject_unsupported_features(name: str, dropout: float, kwargs: dict) -> None
         raise ValueError(f"{name} does not implement attention logit softcapping (softcap={kwargs['softcap']})")
     if kwargs.get("s_aux") is not None:
         raise ValueError(f"{name} does not implement attention sinks (s_aux)")
+
+
+def padding_mask_refuser(name: str, fix: str):
+    """A mask function for transformers' ``AttentionMaskInterface`` that builds no mask (the method knows causality
+    itself) and refuses a padding mask with zeros, naming ``fix``."""
+
+    def mask_function(*args, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+            raise ValueError(f"{name} cannot honour a padding attention_mask with zeros: {fix}")
+        return None
+
+    return mask_function
 
 
 def _windows(config) -> List[Tuple[int, int]]:

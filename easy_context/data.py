@@ -11,7 +11,14 @@ from .checks import positions_restart
 from .comm import group_rank, group_size
 from .layout import padded_length
 from .loss import IGNORE_INDEX
-from .mesh import get_sequence_parallel_group
+from .mesh import (
+    check_mesh,
+    data_parallel_rank,
+    data_parallel_size,
+    get_mesh,
+    get_sequence_parallel_group,
+    sequence_parallel_size,
+)
 from .methods import get_method
 
 __all__ = ["prepare_seq_parallel_inputs", "gather_seq_parallel", "prepare_dataloader", "pad_to_multiple"]
@@ -171,8 +178,6 @@ def prepare_dataloader(seq_algo, dataloader, accelerator, *, sp_size: Optional[i
     """
     from accelerate.data_loader import prepare_data_loader
 
-    from . import mesh as mesh_module
-
     method = get_method(seq_algo)
     world = group_size(None)
     if accelerator.num_processes != world:
@@ -182,18 +187,18 @@ def prepare_dataloader(seq_algo, dataloader, accelerator, *, sp_size: Optional[i
         if sp_size not in (None, 1):
             raise ValueError(f"sp_size={sp_size} needs a sequence-parallel method; {method.name} shards no sequence")
         return accelerator.prepare(dataloader)  # every process is its own replica
-    mesh = mesh if mesh is not None else mesh_module.get_mesh()
+    mesh = mesh if mesh is not None else get_mesh()
     if mesh is not None:
-        mesh_module.check_mesh(mesh, sp_size)
+        check_mesh(mesh, sp_size)
         dp_rank, dp_size = mesh.get_local_rank("dp"), mesh.size(0)
     else:
-        current = mesh_module.sequence_parallel_size()
+        current = sequence_parallel_size()
         if sp_size is not None and sp_size != current:
             raise ValueError(
                 f"sp_size={sp_size} does not match the sequence-parallel group, which has {current} processes: "
                 f"call easy_context.mesh.setup_mesh(sp_size={sp_size}) on every process first"
             )
-        dp_rank, dp_size = mesh_module.data_parallel_rank(), mesh_module.data_parallel_size()
+        dp_rank, dp_size = data_parallel_rank(), data_parallel_size()
     data_seed = _synchronise_shuffling(dataloader, accelerator)
     prepared = prepare_data_loader(
         dataloader,

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 from .cli import UserError
+from .methods import get_method
 
 __all__ = ["RunLock", "release_locks", "claim_output_dir", "previous_run_entries", "move_aside", "write_manifest",
            "check_checkpoint",
@@ -441,8 +442,6 @@ def _legacy_signature(state: dict) -> dict:
     sig.update(batch_size=args.get("batch_size"), grad_accum=args.get("grad_accum"),
                parallel_mode=args.get("parallel_mode"))
     try:
-        from .methods import get_method
-
         layout = get_method(args.get("parallel_mode")).layout
         sig["layout"] = layout.name if layout is not None else "none"
     except Exception:  # noqa: BLE001 - unknown method: not compared

@@ -12,10 +12,10 @@ import pytest  # noqa: E402
 def _no_family_patch_leaks():
     """A family patch switches every later model of the family; a test that makes one must remove it."""
     yield
-    from easy_context import patch
+    from easy_context import hf_attention
 
-    leaked = {cls.__name__: name for cls, name in patch._FAMILY_IMPLEMENTATION.items()}
-    patch._FAMILY_IMPLEMENTATION.clear()
+    leaked = {cls.__name__: name for cls, name in hf_attention.family_patches().items()}
+    hf_attention.clear_family_patches()
     assert not leaked, f"the test left family patches in place: {leaked}"
 
 

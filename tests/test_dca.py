@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from reference import BF16_TOL, FP32_TOL, reference_attention, rel_err
 from tiny_models import rope_config_kwargs
 
-from easy_context import apply_seq_parallel_monkey_patch, get_method
-from easy_context.methods.dca import DCAConfig, dca_plan, dual_chunk_attention, replace_with_chunkllama
+from easy_context import apply_seq_parallel_monkey_patch, get_method, replace_with_chunkllama
+from easy_context.methods.dca import DCAConfig, dca_plan, dual_chunk_attention
 
 DECODE_TOL = 1e-4
 

@@ -48,15 +48,17 @@ operations outside it.
 
 from __future__ import annotations
 
+import importlib
 import weakref
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
+from ..checks import padding_mask_refuser, reject_unsupported_features
 from ..kernels import block_attention, block_attention_backward, merge
-from ..checks import reject_unsupported_features
-from . import Method, register
+from ..model_config import text_config
+from .base import Method, register
 
 __all__ = [
     "DCAConfig",
@@ -65,7 +67,6 @@ __all__ = [
     "DualChunkAttention",
     "dca_attention_forward",
     "dca_hf_attention",
-    "replace_with_chunkllama",
 ]
 
 # Query position schemes (index into the tuple of rotated query variants).
@@ -287,10 +288,6 @@ _MODEL_STATES: "weakref.WeakKeyDictionary[torch.nn.Module, _ModelState]" = weakr
 _CONFIG_ROTARY: dict = {}
 
 
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def _rope_type(config) -> str:
     params = getattr(config, "rope_parameters", None)
     if isinstance(params, dict):
@@ -312,7 +309,7 @@ def _check_rope_type(rope_type: str) -> None:
 
 
 def _default_pretraining_length(config) -> int:
-    config = _text_config(config)
+    config = text_config(config)
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     original = params.get("original_max_position_embeddings") if isinstance(params, dict) else None
     length = original or getattr(config, "max_position_embeddings", None)
@@ -339,8 +336,6 @@ def _rotary_from_config(module) -> torch.nn.Module:
     if cached is not None and cached[0]() is config:
         return cached[1]
     _check_rope_type(_rope_type(config))
-    import importlib
-
     modeling = importlib.import_module(type(module).__module__)
     classes = [obj for name, obj in vars(modeling).items()
                if name.endswith("RotaryEmbedding") and isinstance(obj, type) and issubclass(obj, torch.nn.Module)]
@@ -396,14 +391,9 @@ def dca_attention_forward(options, module, query, key, value, attention_mask, sc
     return out.transpose(1, 2).contiguous(), None
 
 
-def _dca_mask(*args, attention_mask: Optional[torch.Tensor] = None, **kwargs):
-    """Mask function: DCA knows causality itself, so no ``S x S`` mask is built; padding masks are refused."""
-    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
-        raise ValueError(
-            "dca cannot honour a padding attention_mask with zeros: run one unpadded sequence per batch row (or pad "
-            "at the end and ignore those positions)"
-        )
-    return None
+# Mask function: DCA knows causality itself, so no ``S x S`` mask is built; padding masks are refused.
+_dca_mask = padding_mask_refuser("dca", "run one unpadded sequence per batch row (or pad at the end and ignore "
+                                 "those positions)")
 
 
 def dca_hf_attention(model=None, *, pretraining_length: Optional[int] = None, chunk_size: Optional[int] = None,
@@ -419,7 +409,7 @@ def dca_hf_attention(model=None, *, pretraining_length: Optional[int] = None, ch
         length = pretraining_length or _default_pretraining_length(model.config)
         config = DCAConfig.create(length, chunk_size, local_window)
         rotary = _find_rotary(model)
-        _check_rope_type(str(getattr(rotary, "rope_type", _rope_type(_text_config(model.config)))))
+        _check_rope_type(str(getattr(rotary, "rope_type", _rope_type(text_config(model.config)))))
         state = _ModelState(config, weakref.ref(rotary))
         for module in model.modules():
             _MODEL_STATES[module] = state
@@ -455,18 +445,3 @@ register(
     "dual_chunk_attn",
 )
 
-
-def replace_with_chunkllama(pretraining_length: int = 4096, local_window_size: Optional[int] = None, *,
-                            model="llama", chunk_size: Optional[int] = None) -> Optional[str]:
-    """ChunkLlama's entry point: switch ``model`` to Dual Chunk Attention. Returns the attention implementation name.
-
-    ``model`` is a model instance (switched at once; recommended) or a family name such as ``"llama"``,
-    ``"mistral"`` or ``"qwen2"`` (then create models with ``attn_implementation="dca"``). ``local_window_size`` is
-    the local window ``w`` (default ``pretraining_length // 8``) and ``chunk_size`` the chunk size ``s`` (default
-    ``3 * pretraining_length // 4``). Positions follow the paper's formulas (see :mod:`easy_context.methods.dca`).
-    """
-    from ..patch import apply_seq_parallel_monkey_patch
-
-    return apply_seq_parallel_monkey_patch(
-        "dca", model, pretraining_length=pretraining_length, chunk_size=chunk_size, local_window=local_window_size
-    )

@@ -48,7 +48,7 @@ import torch.distributed as dist
 from ..comm import group_rank, group_size
 from ..kernels import block_attention, block_attention_backward, merge
 from ..layout import CONTIGUOUS
-from . import Method, register
+from .base import Method, register
 
 __all__ = ["Work", "Transfer", "causal_schedule", "full_schedule", "make_schedule", "dist_flash_attn",
            "DistFlashAttention"]

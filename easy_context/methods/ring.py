@@ -24,7 +24,7 @@ import torch
 from ..comm import RingComm
 from ..kernels import block_attention, block_attention_backward, merge
 from ..layout import CONTIGUOUS
-from . import Method, register
+from .base import Method, register
 
 FULL = slice(None)
 

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from ..comm import group_size
 from ..kernels import block_attention, block_attention_backward
 from ..layout import CONTIGUOUS
-from . import Method, register
+from .base import Method, register
 
 __all__ = ["all_to_all", "ulysses_attn", "local_attention", "check_heads", "kv_replication", "valid_ulysses_sizes"]
 

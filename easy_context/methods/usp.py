@@ -41,7 +41,9 @@ import torch.distributed as dist
 
 from ..comm import group_rank, group_size
 from ..layout import ZIGZAG
-from . import Method, get_method, register
+from ..mesh import get_sequence_parallel_group
+from ..model_config import attention_heads
+from .base import Method, get_method, register
 from .ulysses import check_heads, heads_to_sequence, local_attention, sequence_to_heads, valid_ulysses_sizes
 from .zigzag import zigzag_ring_attn
 
@@ -136,11 +138,8 @@ def _bind(model, group=None, ulysses_degree: Optional[int] = None, **unknown) ->
     if unknown:
         raise TypeError(f"usp_attn takes only the option ulysses_degree, got {sorted(unknown)}")
     if ulysses_degree is not None and model is not None:  # a bad degree fails now, not at the first forward
-        from ..mesh import get_sequence_parallel_group
-
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        heads = config.num_attention_heads
-        _check(num_heads=heads, num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        heads, kv_heads = attention_heads(model.config)
+        _check(num_heads=heads, num_kv_heads=kv_heads,
                world_size=group_size(get_sequence_parallel_group() if group is None else group),
                ulysses_degree=ulysses_degree)
     return dataclasses.replace(

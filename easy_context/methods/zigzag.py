@@ -15,7 +15,7 @@ import functools
 from typing import List
 
 from ..layout import ZIGZAG
-from . import Method, register
+from .base import Method, register
 from .ring import FULL, Piece, ring_schedule
 
 
