@@ -43,9 +43,8 @@ from __future__ import annotations
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 
-from ..comm import group_rank, group_size
+from ..comm import PeerExchange, group_rank, group_size
 from ..kernels import block_attention, block_attention_backward, merge
 from ..layout import CONTIGUOUS
 from .base import Method, register
@@ -129,42 +128,23 @@ def _results(works: Sequence[Work], backward: bool) -> List[Transfer]:
     return list(found)
 
 
-class _Exchange:
-    """One batch of point-to-point transfers in flight at a time (``batch_isend_irecv`` on ``group``).
+def _post(exchange: PeerExchange, transfers: Sequence[Transfer], payload: Callable[[Transfer], List[torch.Tensor]],
+          like: Callable[[Transfer], List[torch.Tensor]]) -> Dict[Transfer, List[torch.Tensor]]:
+    """Start the ``transfers`` that involve this rank as one batch; returns receive buffers (filled after
+    ``exchange.wait()``).
 
     Every rank derives the same ordered transfer list for a batch, and a tensor's tag is its position in that list,
     so sends and receives match on backends that use tags (gloo) and on those that match by order (NCCL).
     """
-
-    def __init__(self, group, rank: int):
-        self.group, self.rank = group, rank
-        self._to_global = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
-        self._requests: List = []
-        self._keep: List[torch.Tensor] = []
-
-    def post(self, transfers: Sequence[Transfer], payload: Callable[[Transfer], List[torch.Tensor]],
-             like: Callable[[Transfer], List[torch.Tensor]]) -> Dict[Transfer, List[torch.Tensor]]:
-        """Start ``transfers`` that involve this rank; returns receive buffers (filled after :meth:`wait`)."""
-        ops, received = [], {}
-        for index, tr in enumerate(transfers):
-            if tr.src == self.rank:
-                for i, x in enumerate(payload(tr)):
-                    x = x.contiguous()
-                    self._keep.append(x)
-                    ops.append(dist.P2POp(dist.isend, x, self._to_global(tr.dst), self.group, 8 * index + i))
-            elif tr.dst == self.rank:
-                buffers = [torch.empty_like(x, memory_format=torch.contiguous_format) for x in like(tr)]
-                received[tr] = buffers
-                for i, b in enumerate(buffers):
-                    ops.append(dist.P2POp(dist.irecv, b, self._to_global(tr.src), self.group, 8 * index + i))
-        if ops:
-            self._requests = dist.batch_isend_irecv(ops)
-        return received
-
-    def wait(self) -> None:
-        for request in self._requests:
-            request.wait()
-        self._requests, self._keep = [], []
+    received = {}
+    for index, tr in enumerate(transfers):
+        if tr.src == exchange.rank:
+            for i, x in enumerate(payload(tr)):
+                exchange.send(x, tr.dst, 8 * index + i)
+        elif tr.dst == exchange.rank:
+            received[tr] = [exchange.recv(x, tr.src, 8 * index + i) for i, x in enumerate(like(tr))]
+    exchange.start()
+    return received
 
 
 def _execute(steps: Schedule, rank: int, group, *, backward: bool,
@@ -177,14 +157,14 @@ def _execute(steps: Schedule, rank: int, group, *, backward: bool,
     ``payload(tr)`` gives the tensors this rank sends for ``tr``; ``like(tr)`` tensors shaped like those it receives;
     ``compute(work, inputs)`` does one block of this rank; ``deliver(tr, tensors)`` folds a received result in.
     """
-    exchange = _Exchange(group, rank)
+    exchange = PeerExchange(group)
     inputs = [_inputs(step) for step in steps]
     results = [_results(step, backward) for step in steps]
-    current = exchange.post(inputs[0], payload, like)
+    current = _post(exchange, inputs[0], payload, like)
     exchange.wait()
     for t, step in enumerate(steps):
         transfers = (inputs[t + 1] if t + 1 < len(steps) else []) + (results[t - 1] if t > 0 else [])
-        arriving = exchange.post(transfers, payload, like)
+        arriving = _post(exchange, transfers, payload, like)
         for work in step:
             if work.rank == rank:
                 compute(work, current)
@@ -194,7 +174,7 @@ def _execute(steps: Schedule, rank: int, group, *, backward: bool,
             if tr.kind not in ("kv", "q"):
                 deliver(tr, tensors)
     if steps:
-        arriving = exchange.post(results[-1], payload, like)
+        arriving = _post(exchange, results[-1], payload, like)
         exchange.wait()
         for tr, tensors in arriving.items():
             deliver(tr, tensors)
