@@ -9,15 +9,8 @@ import zlib
 import pytest
 
 from easy_context import assets
-from easy_context.assets import (
-    ENV_VAR,
-    NOVELS,
-    RFormatError,
-    RVector,
-    iter_rdb_records,
-    read_lazyload_db,
-    unserialize,
-)
+from easy_context.assets import ENV_VAR, NOVELS, fetch
+from easy_context.assets.rdata import RFormatError, RVector, iter_rdb_records, read_lazyload_db, unserialize
 
 # ---------------------------------------------------------------------------------------------------------------
 # Hand-built R serialization bytes (XDR, big-endian), following R's serialize.c layout.
@@ -134,7 +127,7 @@ def test_missing_assets_give_clear_error(tmp_path, monkeypatch):
 
 def test_cli_prints_path(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(ENV_VAR, str(tmp_path))
-    assert assets.main(["path"]) == 0
+    assert fetch.main(["path"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path)
 
 

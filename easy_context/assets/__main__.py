@@ -1,0 +1,7 @@
+"""``python -m easy_context.assets fetch [--dir DIR] [--deb PATH]`` (see :mod:`easy_context.assets.fetch`)."""
+
+import sys
+
+from .fetch import main
+
+sys.exit(main())
