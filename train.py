@@ -7,7 +7,7 @@ On CPU (2 gloo processes): ``ACCELERATE_USE_CPU=true accelerate launch --multi_g
 or ``accelerate launch --config_file accelerate_configs/cpu_2proc.yaml train.py ...``. See the README, section "Training".
 
 Reads top to bottom: options, processes, data, model, optimizer, resume, the loop, the final save. The machinery
-lives in easy_context/training.py.
+lives in easy_context/training/.
 """
 
 import datetime

@@ -1,0 +1,121 @@
+"""The model ``train.py`` trains: building it, activation recomputation, the optimizer, and the wrapper that owns
+the whole step's loss."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..assets import smollm2_path
+from ..checkpointing import enable_remat_aware_checkpointing
+from ..loss import chunked_cross_entropy_sum
+from ..model_config import set_rope_theta
+
+__all__ = ["TINY_CONFIG", "model_path", "build_model", "CHECKPOINTING", "enable_checkpointing", "build_optimizer",
+           "ChunkedLossModel"]
+
+TINY_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, tie_word_embeddings=False)
+
+
+def model_path(spec: str) -> str:
+    """Where ``from_pretrained`` finds ``spec``: the fetched SmolLM2 folder for ``"smollm2"``, else ``spec``."""
+    if spec == "smollm2":
+        return str(smollm2_path())
+    return spec
+
+
+def build_model(spec: str, *, vocab_size: int, seq_length: int, rope_theta: Optional[float] = None,
+                num_layers: Optional[int] = None, seed: int = 0, dtype=torch.float32):
+    """A causal LM ready for long-context training.
+
+    ``spec`` is ``"tiny"`` (a 2-layer Llama built from a config, for tests and demos), ``"smollm2"`` (the
+    SmolLM2-135M fetched by ``scripts/setup.sh``), or a local folder / hub name for ``from_pretrained``.
+    ``num_layers`` keeps only the first layers; ``rope_theta`` sets the RoPE base; ``max_position_embeddings`` is
+    raised to ``seq_length`` when shorter. Both land in the config, so ``save_pretrained`` records them.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    if spec == "tiny":
+        config = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=seq_length, **TINY_CONFIG)
+    else:
+        spec = model_path(spec)
+        config = AutoConfig.from_pretrained(spec)
+    if num_layers is not None:
+        config.num_hidden_layers = num_layers
+    if rope_theta is not None:
+        set_rope_theta(config, rope_theta)
+    config.max_position_embeddings = max(getattr(config, "max_position_embeddings", 0) or 0, seq_length)
+    config.use_cache = False
+    torch.manual_seed(seed)
+    if spec == "tiny":  # the plain constructor: initialised identically with or without DeepSpeed's zero.Init
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM(config).to(dtype)
+        model.set_attn_implementation("sdpa")
+        return model
+    return AutoModelForCausalLM.from_pretrained(spec, config=config, dtype=dtype, attn_implementation="sdpa")
+
+
+CHECKPOINTING = ("full", "remat", "none")
+
+
+def enable_checkpointing(model, mode: str = "full") -> None:
+    """Activation checkpointing of every decoder layer (non-reentrant ``torch.utils.checkpoint``).
+
+    ``"full"`` recomputes whole layers in backward, sequence-parallel attention (communication included) too;
+    ``"remat"`` keeps each layer's attention output so the recomputation stops there (DistFlashAttn's
+    rematerialization-aware checkpointing, :mod:`easy_context.checkpointing`); ``"none"`` keeps every activation.
+    """
+    if mode not in CHECKPOINTING:
+        raise ValueError(f"unknown checkpointing mode {mode!r}: choose one of {', '.join(CHECKPOINTING)}")
+    if mode == "none":
+        return
+    kwargs = {"use_reentrant": False}
+    if mode == "remat":
+        enable_remat_aware_checkpointing(model, kwargs)
+    elif hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def build_optimizer(params, lr: float, weight_decay: float, accelerator):
+    """AdamW for ``params``: DeepSpeed's ``DeepSpeedCPUAdam`` when DeepSpeed offloads the optimizer to CPU on a GPU
+    machine (several times faster than ``torch.optim.AdamW`` stepping host tensors, and what DeepSpeed expects
+    there), else ``torch.optim.AdamW``. On a CPU-only machine the DeepSpeed config must allow the torch optimizer
+    with ``"zero_force_ds_cpu_optimizer": false`` (see accelerate_configs/zero3_offload_cpu.json).
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    zero = plugin.deepspeed_config.get("zero_optimization", {}) if plugin is not None else {}
+    if zero.get("offload_optimizer", {}).get("device") == "cpu" and torch.cuda.is_available():
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+class ChunkedLossModel(torch.nn.Module):
+    """``forward(input_ids, position_ids, target_ids) -> (loss sum, valid-target count)`` of a causal LM.
+
+    Runs the decoder, then :func:`easy_context.chunked_cross_entropy_sum` over the output head ``chunk_size`` tokens
+    at a time, so the ``tokens × vocab`` float32 logits never exist at once. One module owns the whole step, so
+    DDP and DeepSpeed wrap it like any model; with ZeRO-3 pass ``zero3=True`` so the head weight (used outside the
+    head's own forward) is gathered for this module.
+    """
+
+    def __init__(self, model, chunk_size: int = 4096, zero3: bool = False):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        if zero3:
+            import deepspeed
+
+            deepspeed.zero.register_external_parameter(self, model.get_output_embeddings().weight)
+
+    def forward(self, input_ids, position_ids, target_ids):
+        hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
+        head = self.model.get_output_embeddings()
+        return chunked_cross_entropy_sum(hidden, head.weight, target_ids, bias=head.bias, chunk_size=self.chunk_size)
+
