@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -176,6 +177,7 @@ def fetch_smollm2(dest: Path) -> Path:
     to the GGUF-loaded model's), then renamed into place.
     """
     if smollm2_complete(dest):
+        _portable_tokenizer_config(dest)
         _log(f"SmolLM2 already at {dest}")
         return dest
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -196,6 +198,7 @@ def fetch_smollm2(dest: Path) -> Path:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        _portable_tokenizer_config(staging)
         _verify_converted(staging, model, tokenizer)
         _publish(staging, dest)
     except BaseException:
@@ -203,6 +206,18 @@ def fetch_smollm2(dest: Path) -> Path:
         raise
     _log(f"  saved and verified in {time.perf_counter() - t0:.1f} s total")
     return dest
+
+
+def _portable_tokenizer_config(folder: Path) -> None:
+    """Name the tokenizer class as the SmolLM2 release does, ``GPT2Tokenizer``, which every supported transformers
+    reads (from ``tokenizer.json``); transformers 5 saves its own backend's name, which 4.x cannot load."""
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("tokenizer_class") != "GPT2Tokenizer":
+        config["tokenizer_class"] = "GPT2Tokenizer"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def _verify_converted(folder: Path, reference, reference_tokenizer) -> None:
