@@ -8,6 +8,8 @@ import warnings
 from typing import List, Optional
 
 from ._safetensors import CheckpointError
+from .extract import extract_lora
+from .merge import apply_adapter
 from .plan import AdapterError, AdapterWarning
 
 EXAMPLES = """examples:
@@ -79,15 +81,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         warnings.simplefilter("always", AdapterWarning)
         try:
             if args.command == "extract":
-                from .extract import extract_lora
-
                 extract_lora(args.base, args.tuned, args.out, args.rank, energy=args.energy, include=args.include,
                              exclude=args.exclude, embeddings=args.embeddings, undecomposable=args.undecomposable,
                              dtype=args.dtype, device=args.device, overwrite=args.overwrite,
                              progress=not args.quiet, log=log)
             else:
-                from .merge import apply_adapter
-
                 apply_adapter(args.model, args.adapter, args.out, overwrite=args.overwrite, progress=not args.quiet,
                               log=log)
         except (AdapterError, CheckpointError, FileNotFoundError) as e:
