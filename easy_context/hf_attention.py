@@ -29,6 +29,7 @@ import torch
 
 from .checks import check_config, check_shards, padding_mask_refuser, reject_unsupported_features
 from .comm import group_rank, group_size
+from .kernels import softmax_scale
 from .mesh import get_sequence_parallel_group
 from .methods import Method
 
@@ -170,7 +171,7 @@ def sp_attention_forward(method: Method, module, query, key, value, attention_ma
     method.validate(num_heads=query.shape[1], num_kv_heads=key.shape[1], world_size=world_size, causal=causal)
     qk_dim, v_dim = query.shape[-1], value.shape[-1]
     if qk_dim != v_dim:  # MLA (DeepSeek-V2/V3): zero-pad to one head size; zero columns change no score or output
-        scaling = qk_dim ** -0.5 if scaling is None else scaling
+        scaling = softmax_scale(query, scaling)
         width = max(qk_dim, v_dim)
         pad = lambda x: torch.nn.functional.pad(x, (0, width - x.shape[-1]))  # noqa: E731
         query, key, value = pad(query), pad(key), pad(value)

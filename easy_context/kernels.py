@@ -36,6 +36,7 @@ __all__ = [
     "block_attention_backward",
     "merge",
     "select_backend",
+    "softmax_scale",
 ]
 
 BACKENDS = ("torch_cpu", "torch_cuda", "flash_attn", "math")
@@ -132,34 +133,25 @@ def count_block_work() -> Iterator[BlockWork]:
 # ----------------------------------------------------------------------------------------------------------------------
 # Public primitive
 # ----------------------------------------------------------------------------------------------------------------------
-def block_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    causal: bool = False,
-    scale: Optional[float] = None,
-    backend: Optional[str] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def softmax_scale(q: torch.Tensor, scale: Optional[float] = None) -> float:
+    """``scale``, or the usual ``1 / sqrt(head dim)`` of ``q`` when it is ``None``."""
+    return q.shape[-1] ** -0.5 if scale is None else scale
+
+
+def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                    scale: Optional[float] = None, backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attend one block of queries to one block of keys. Returns ``(out, lse)``; no autograd graph is recorded."""
     _check(q, k, v, causal)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = softmax_scale(q, scale)
     for counter in _WORK_COUNTERS:
         counter.add(q.shape[2], k.shape[2], causal)
     with torch.no_grad():
         return _FORWARD[select_backend(q, backend)](q, k, v, causal, scale)
 
 
-def block_attention_backward(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    causal: bool = False,
-    scale: Optional[float] = None,
-    backend: Optional[str] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def block_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                             lse: torch.Tensor, causal: bool = False, scale: Optional[float] = None,
+                             backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` of one block.
 
     ``out`` and ``lse`` may be the *final* merged values of the query rows rather than this block's own: the softmax
@@ -167,7 +159,7 @@ def block_attention_backward(
     This is what makes every schedule's backward a sum of independent block backwards.
     """
     _check(q, k, v, causal)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = softmax_scale(q, scale)
     with torch.no_grad():
         return _BACKWARD[select_backend(q, backend)](dout, q, k, v, out.to(q.dtype), lse.float(), causal, scale)
 

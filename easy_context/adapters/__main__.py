@@ -19,6 +19,17 @@ EXAMPLES = """examples:
 """
 
 
+def _folders(parser: argparse.ArgumentParser, **helps: str) -> None:
+    """Required folder options, ``--NAME`` for each keyword, in order."""
+    for name, text in helps.items():
+        parser.add_argument(f"--{name}", required=True, help=text)
+
+
+def _overwrite_and_quiet(parser: argparse.ArgumentParser, overwrite_help: str) -> None:
+    parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m easy_context.adapters",
@@ -33,9 +44,8 @@ def _parser() -> argparse.ArgumentParser:
                         "from the difference between a fine-tune and its base, with the fine-tune's long-context "
                         "config in long_context.json and a report in extraction_report.json. Both models must be "
                         "local folders with safetensors weights.")
-    ex.add_argument("--base", required=True, help="folder of the base model")
-    ex.add_argument("--tuned", required=True, help="folder of the fine-tuned model")
-    ex.add_argument("--out", required=True, help="folder to write the adapter to")
+    _folders(ex, base="folder of the base model", tuned="folder of the fine-tuned model",
+             out="folder to write the adapter to")
     ex.add_argument("--rank", "--max-rank", type=int, required=True, dest="rank",
                     help="maximum LoRA rank; each module gets at most this rank")
     ex.add_argument("--energy", type=float, default=None,
@@ -53,19 +63,16 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="dtype of the saved adapter (ΔW and the SVD are computed in float32/float64)")
     ex.add_argument("--device", default="cpu", help="device for the SVD arithmetic (default cpu)")
-    ex.add_argument("--overwrite", action="store_true", help="replace an existing adapter in --out")
-    ex.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    _overwrite_and_quiet(ex, "replace an existing adapter in --out")
 
     ap = sub.add_parser("apply", help="merge an adapter into a model and carry the long-context config",
                         description="Merge a LoRA adapter into MODEL (same architecture as the adapter's base) and "
                         "write the merged model to OUT, with the adapter's long-context config values "
                         "(long_context.json) written into OUT/config.json. Warns when MODEL's RoPE settings differ "
                         "from the adapter's base.")
-    ap.add_argument("--model", required=True, help="folder of the model to merge into")
-    ap.add_argument("--adapter", required=True, help="adapter folder (from extract, or any PEFT LoRA adapter)")
-    ap.add_argument("--out", required=True, help="folder to write the merged model to")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing folder at --out")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    _folders(ap, model="folder of the model to merge into",
+             adapter="adapter folder (from extract, or any PEFT LoRA adapter)", out="folder to write the merged model to")
+    _overwrite_and_quiet(ap, "replace an existing folder at --out")
     return parser
 
 

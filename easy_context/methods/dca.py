@@ -56,7 +56,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 
 from ..checks import padding_mask_refuser, reject_unsupported_features
-from ..kernels import block_attention, block_attention_backward, merge
+from ..kernels import block_attention, block_attention_backward, merge, softmax_scale
 from ..model_config import text_config
 from .base import Method, register
 
@@ -259,7 +259,7 @@ def dual_chunk_attention(
     q_len, kv_len = q.shape[2], k.shape[2]
     if q_len > kv_len:
         raise ValueError(f"dual_chunk_attention got {q_len} queries but only {kv_len} keys")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = softmax_scale(q, scale)
     q_start = kv_len - q_len
     device = q.device
     q_pos = torch.arange(q_start, kv_len, device=device)

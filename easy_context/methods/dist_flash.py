@@ -45,7 +45,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from ..comm import PeerExchange, group_rank, group_size
-from ..kernels import block_attention, block_attention_backward, merge
+from ..kernels import block_attention, block_attention_backward, merge, softmax_scale
 from ..layout import CONTIGUOUS
 from .base import Method, register
 
@@ -301,8 +301,7 @@ def dist_flash_attn(q, k, v, *, causal: bool = True, scale: Optional[float] = No
     ``q``: ``(B, H, S_local, D)``; ``k``, ``v``: ``(B, H_kv, S_local, D)``; every rank holds the same ``S_local``
     (the contiguous layout guarantees it). Any world size works; non-causal attention runs a plain ring.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return DistFlashAttention.apply(q, k, v, causal, scale, group, backend)
+    return DistFlashAttention.apply(q, k, v, causal, softmax_scale(q, scale), group, backend)
 
 
 register(

@@ -22,8 +22,8 @@ from typing import Callable, List, NamedTuple
 import torch
 
 from ..comm import RingComm
-from ..kernels import block_attention, block_attention_backward, merge
-from ..layout import CONTIGUOUS
+from ..kernels import block_attention, block_attention_backward, merge, softmax_scale
+from ..layout import CONTIGUOUS, Layout
 from .base import Method, register
 
 FULL = slice(None)
@@ -116,18 +116,20 @@ class RingAttention(torch.autograd.Function):
 
 def ring_schedule(q, k, v, *, plan: Plan, causal: bool = True, scale=None, group=None, backend=None):
     """Run the ring engine with ``plan``; returns ``(out, lse)`` for this rank's queries."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return RingAttention.apply(q, k, v, plan, causal, scale, group, backend)
+    return RingAttention.apply(q, k, v, plan, causal, softmax_scale(q, scale), group, backend)
 
 
-ring_attn = functools.partial(ring_schedule, plan=contiguous_plan)
+def register_ring_method(name: str, plan: Plan, layout: Layout, description: str, communication: str,
+                         *aliases: str) -> Callable:
+    """Register the ring engine with ``plan`` over ``layout`` as method ``name``; returns its attention function."""
+    attention = functools.partial(ring_schedule, plan=plan)
+    register(Method(name=name, description=description, layout=layout, attention=attention,
+                    communication=communication), *aliases)
+    return attention
 
-register(
-    Method(
-        name="ring_attn",
-        description="ring over contiguous chunks; causal work is unbalanced (rank P-1 does P blocks, rank 0 one)",
-        layout=CONTIGUOUS,
-        attention=ring_attn,
-        communication="K/V: P-1 sends of 2·S·H_kv·D/P per rank (backward: K/V again plus float32 dK/dV P times)",
-    )
+
+ring_attn = register_ring_method(
+    "ring_attn", contiguous_plan, CONTIGUOUS,
+    "ring over contiguous chunks; causal work is unbalanced (rank P-1 does P blocks, rank 0 one)",
+    "K/V: P-1 sends of 2·S·H_kv·D/P per rank (backward: K/V again plus float32 dK/dV P times)",
 )

@@ -9,12 +9,10 @@ to local row j when ``i*P + src <= j*P + r``:
 
 from __future__ import annotations
 
-import functools
 from typing import List
 
 from ..layout import STRIPE
-from .base import Method, register
-from .ring import FULL, Piece, ring_schedule
+from .ring import FULL, Piece, register_ring_method
 
 
 def stripe_plan(rank: int, src: int, world_size: int, local_len: int, causal: bool) -> List[Piece]:
@@ -27,14 +25,7 @@ def stripe_plan(rank: int, src: int, world_size: int, local_len: int, causal: bo
     return [Piece(slice(1, None), slice(0, local_len - 1), True)]
 
 
-stripe_attn = functools.partial(ring_schedule, plan=stripe_plan)
-
-register(
-    Method(
-        name="stripe_attn",
-        description="ring over a token stripe (i mod P); balanced causal work",
-        layout=STRIPE,
-        attention=stripe_attn,
-        communication="as ring_attn: K/V P-1 times, 2·S·H_kv·D/P per send",
-    ),
+stripe_attn = register_ring_method(
+    "stripe_attn", stripe_plan, STRIPE, "ring over a token stripe (i mod P); balanced causal work",
+    "as ring_attn: K/V P-1 times, 2·S·H_kv·D/P per send",
 )

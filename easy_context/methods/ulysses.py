@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm import group_size
-from ..kernels import block_attention, block_attention_backward
+from ..kernels import block_attention, block_attention_backward, softmax_scale
 from ..layout import CONTIGUOUS
 from .base import Method, register
 
@@ -99,8 +99,7 @@ class _LocalAttention(torch.autograd.Function):
 
 def local_attention(q, k, v, *, causal: bool = True, scale=None, backend=None):
     """Single-block attention with autograd: ``(out, lse)`` for ``(B, H, S, D)`` tensors on one process."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _LocalAttention.apply(q, k, v, causal, scale, backend)
+    return _LocalAttention.apply(q, k, v, causal, softmax_scale(q, scale), backend)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

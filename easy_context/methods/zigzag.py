@@ -11,12 +11,10 @@ Each step therefore costs every rank the same half block of work.
 
 from __future__ import annotations
 
-import functools
 from typing import List
 
 from ..layout import ZIGZAG
-from .base import Method, register
-from .ring import FULL, Piece, ring_schedule
+from .ring import FULL, Piece, register_ring_method
 
 
 def zigzag_plan(rank: int, src: int, world_size: int, local_len: int, causal: bool) -> List[Piece]:
@@ -30,15 +28,7 @@ def zigzag_plan(rank: int, src: int, world_size: int, local_len: int, causal: bo
     return [Piece(slice(half, None), FULL, False)]
 
 
-zigzag_ring_attn = functools.partial(ring_schedule, plan=zigzag_plan)
-
-register(
-    Method(
-        name="zigzag_ring_attn",
-        description="ring over zigzag chunks (r and 2P-1-r); balanced causal work",
-        layout=ZIGZAG,
-        attention=zigzag_ring_attn,
-        communication="as ring_attn: K/V P-1 times, 2·S·H_kv·D/P per send",
-    ),
-    "zigzag_ring",
+zigzag_ring_attn = register_ring_method(
+    "zigzag_ring_attn", zigzag_plan, ZIGZAG, "ring over zigzag chunks (r and 2P-1-r); balanced causal work",
+    "as ring_attn: K/V P-1 times, 2·S·H_kv·D/P per send", "zigzag_ring",
 )
