@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(long_context.json) written into OUT/config.json. Warns when MODEL's RoPE settings differ "
                         "from the adapter's base.")
     _folders(ap, model="folder of the model to merge into",
-             adapter="adapter folder (from extract, or any PEFT LoRA adapter)", out="folder to write the merged model to")
+             adapter="adapter folder (from extract, or any PEFT LoRA adapter)",
+             out="folder to write the merged model to")
     _overwrite_and_quiet(ap, "replace an existing folder at --out")
     return parser
 

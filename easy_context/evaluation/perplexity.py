@@ -110,9 +110,10 @@ class PplResults:
     """Perplexity results keyed on content: ``<csv stem>.results.jsonl`` next to the CSV holds one record per model
     key and length (with the fingerprint of the tokens scored), and the CSV is rendered from it.
 
-    A model key (:func:`~easy_context.evaluation.common.model_identity` + the dataset's source fingerprint + the number of samples) decides the row;
-    a cell is reused by ``--resume`` only when the tokens scored at that length are the same. Rows sharing a folder
-    name get unique labels (``name#key``). A CSV written before keys existed is kept as ``<stem>.legacy.csv``.
+    A model key (:func:`~easy_context.evaluation.common.model_identity` + the dataset's source fingerprint + the
+    number of samples) decides the row; a cell is reused by ``--resume`` only when the tokens scored at that length are
+    the same. Rows sharing a folder name get unique labels (``name#key``). A CSV written before keys existed is kept
+    as ``<stem>.legacy.csv``.
     """
 
     def __init__(self, csv_path, *, main: bool = True):
