@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 __all__ = ["text_config", "attention_heads", "get_rope_theta", "set_rope_theta"]
@@ -22,11 +23,13 @@ def attention_heads(config) -> Tuple[int, int]:
 
 
 def get_rope_theta(config) -> Optional[float]:
-    """RoPE base of a config: ``rope_parameters['rope_theta']`` (transformers 5) or ``rope_theta`` (4.x)."""
-    params = getattr(config, "rope_parameters", None)
+    """RoPE base of a config: ``rope_parameters['rope_theta']`` (transformers 5) or ``rope_theta`` (4.x). ``config``
+    is a config object or the dict of a ``config.json``."""
+    get = config.get if isinstance(config, dict) else functools.partial(getattr, config)
+    params = get("rope_parameters", None)
     if isinstance(params, dict) and "rope_theta" in params:
         return float(params["rope_theta"])
-    value = getattr(config, "rope_theta", None)
+    value = get("rope_theta", None)
     return None if value is None else float(value)
 
 

@@ -18,6 +18,8 @@ import math
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from ..model_config import get_rope_theta
+
 #: Config keys that make up the long-context setting, copied from the tuned model's config.json.
 LONG_CONTEXT_KEYS = (
     "rope_theta",
@@ -45,14 +47,6 @@ def read_config_json(folder) -> Dict[str, Any]:
 def _is_nested(params: Any) -> bool:
     """transformers 5 keeps one RoPE dict per layer type for some families (e.g. full and sliding attention)."""
     return isinstance(params, dict) and bool(params) and all(isinstance(v, dict) for v in params.values())
-
-
-def _raw_theta(cfg: Dict[str, Any]) -> Optional[float]:
-    params = cfg.get("rope_parameters")
-    if isinstance(params, dict) and "rope_theta" in params:
-        return float(params["rope_theta"])
-    value = cfg.get("rope_theta")
-    return None if value is None else float(value)
 
 
 def _raw_scaling(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -139,7 +133,7 @@ def write_long_context(target: Dict[str, Any], tuned: Dict[str, Any]) -> Dict[st
     for key, value in long_context_values(tuned).items():
         target[key] = copy.deepcopy(value)
         written[key] = value
-    theta, scaling = _raw_theta(tuned), _raw_scaling(tuned)
+    theta, scaling = get_rope_theta(tuned), _raw_scaling(tuned)
     nested = _is_nested(tuned.get("rope_parameters"))
     if not nested and theta is not None:
         if "rope_theta" in target and "rope_theta" not in tuned:
