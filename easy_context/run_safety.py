@@ -45,7 +45,8 @@ LOG = "log.jsonl"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -57,7 +58,7 @@ def write_text_atomic(path: Union[str, Path], text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -127,7 +128,7 @@ class RunLock:
 
         note = None
         for _ in range(20):  # retried when the file is replaced between open and flock
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 flocked = True

@@ -112,7 +112,7 @@ def save_final_model(accelerator, wrapped, tokenizer, output_dir: Union[str, Pat
         model.save_pretrained(output_dir, state_dict=state, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(output_dir)
-        mode = 0o666 & ~S._umask()  # weights are written 0600 by the serializer; give them the usual mode
+        mode = 0o666 & ~S.current_umask()  # weights are written 0600 by the serializer; give them the usual mode
         for weights in output_dir.glob("model*.safetensors"):
             os.chmod(weights, mode)
     accelerator.wait_for_everyone()
