@@ -168,6 +168,30 @@ def test_module_level_imports_have_no_cycle():
     assert cycle is None, "import cycle among the package's modules: " + " -> ".join(cycle)
 
 
+def reachable(graph, start):
+    seen, todo = set(), [start]
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo.extend(graph.get(node, ()))
+    return seen
+
+
+# What the scripts use; ``import easy_context`` loads none of it.
+APPLICATION = ("easy_context.assets", "easy_context.training", "easy_context.evaluation", "easy_context.adapters",
+               "easy_context.trainer", "easy_context.run_safety", "easy_context.cli")
+
+
+def test_the_library_does_not_import_the_applications():
+    graph = import_graph()
+    library = reachable(graph, PACKAGE)
+    loaded = sorted(m for m in library if m.startswith(APPLICATION))
+    assert not loaded, f"import easy_context loads application modules: {loaded}"
+    assets = reachable(graph, "easy_context.assets")
+    assert not assets & {"easy_context.assets.fetch", "easy_context.assets.rdata"}, sorted(assets)
+
+
 def test_no_function_imports_a_package_module_unless_written_down():
     found = set()
     for name, path in MODULES.items():
