@@ -83,3 +83,19 @@ def test_chunkllama_reads_four_times_the_pretraining_length(text):
     assert all(math.isfinite(v) for v in ppl.values()), ppl
     # SmolLM2 was trained at 8K, so plain attention is the reference here; DCA at 4 chunks stays close to it.
     assert ppl["dca"] != ppl["plain"] and ppl["dca"] < 1.3 * ppl["plain"], ppl
+
+
+def test_the_readme_demo_runs_at_a_small_size(tmp_path):
+    """train_scripts/cpu_demo.sh end to end (train, evaluate before and after, summary and plot), 2 short steps."""
+    env = dict(os.environ, OUT=str(tmp_path / "demo"), STEPS="2", SEQ_LENGTH="256", LENGTHS="256 512",
+               PY=sys.executable, ACCELERATE=str(BIN / "accelerate"), PYTHONWARNINGS="ignore")
+    proc = subprocess.run(["bash", "train_scripts/cpu_demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"the demo failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    losses = [float(x) for x in re.search(r"^training loss by step: (.*)$", proc.stdout, re.M).group(1).split()]
+    assert len(losses) == 2 and 2.0 < losses[0] < 5.0, losses  # the model's own loss on Austen
+    table = re.findall(r"^ +(\d+) +(\S+) +(\S+)$", proc.stdout, re.M)
+    assert [int(n) for n, _, _ in table] == [256, 512], proc.stdout
+    assert all(math.isfinite(float(b)) and math.isfinite(float(a)) for _, b, a in table)
+    assert (tmp_path / "demo" / "demo.png").stat().st_size > 10_000
+    assert "UNEXPECTED" not in proc.stdout + proc.stderr  # the whole model is loaded: no key tables
