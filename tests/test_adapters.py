@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
 from reference import rel_err
@@ -418,7 +419,8 @@ def test_legacy_config_spelling(tmp_path):
     quiet_apply(legacy, adapter, tmp_path / "merged")
     written = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert written["rope_theta"] == TUNED_THETA and written["max_position_embeddings"] == TUNED_MAX_POS
-    assert written["rope_parameters"]["rope_theta"] == TUNED_THETA
+    if int(transformers.__version__.split(".")[0]) >= 5:  # 4.x configs have no rope_parameters
+        assert written["rope_parameters"]["rope_theta"] == TUNED_THETA
     assert get_rope_theta(load(tmp_path / "merged").config) == TUNED_THETA
 
 
