@@ -89,7 +89,7 @@ with cli.user_errors():  # every option error is reported before anything heavy 
     sp_size = T.check_parallel_options(args.parallel_mode, accelerator.num_processes, args.sp_size,
                                        args.seq_length, args.pad_to_multiple, args.reset_position_ids)
     run = T.start_run(accelerator, args.output_dir, resume=args.resume, overwrite=args.overwrite)  # the lock
-    documents = T.load_documents(args.dataset, args.text_field)
+    T.check_dataset(args.dataset)
 dp_rank, dp_size, sp_rank = T.setup_sequence_parallel(args.parallel_mode, sp_size, timeout=args.dist_timeout)
 set_seed(args.seed)
 if accelerator.is_main_process:
@@ -100,14 +100,14 @@ if accelerator.is_main_process:
 model_dir = T.model_path(args.model) if args.model != "tiny" else None
 tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model_dir or T.model_path("smollm2"))
 pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-tokens = T.tokenize_documents(documents, tokenizer)
-data = T.pack_documents(tokens, args.seq_length, tokenizer.eos_token_id, pad_id, pack=not args.no_pack,
-                        reset_position_ids=args.reset_position_ids)
+with cli.user_errors():  # text is tokenized once into a cache on disk; a step reads its samples from disk
+    data = T.open_samples(args.dataset, tokenizer, args.seq_length, pad_id, text_field=args.text_field,
+                          pack=not args.no_pack, reset_position_ids=args.reset_position_ids)
 num_samples, global_batch = len(data["input_ids"]), args.batch_size * dp_size * args.grad_accum
 if accelerator.is_main_process:
     print(f"data: {num_samples} samples of {args.seq_length} tokens from {args.dataset}; "
           f"{global_batch} samples per step", flush=True)
-T.warn_padding(tokens, num_samples, args.seq_length, args.parallel_mode, sp_size, args.pad_to_multiple)
+T.warn_padding(data, num_samples, args.seq_length, args.parallel_mode, sp_size, args.pad_to_multiple)
 zero3 = accelerator.distributed_type == DistributedType.DEEPSPEED and \
     accelerator.state.deepspeed_plugin.zero_stage == 3
 signature = T.run_signature(args, accelerator, dp_size, sp_size, data)  # what a resume must keep

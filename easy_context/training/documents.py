@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -141,19 +142,31 @@ def global_batch_indices(step: int, num_samples: int, global_batch: int, seed: i
     """
     positions = step * global_batch + torch.arange(global_batch)
     epochs, within = positions // num_samples, positions % num_samples
-    perms = {int(e): torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + int(e)))
-             for e in epochs.unique()}
-    return torch.stack([perms[int(e)][int(i)] for e, i in zip(epochs, within)])
+    return torch.stack([_epoch_order(num_samples, seed + int(e))[int(i)] for e, i in zip(epochs, within)])
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(num_samples: int, seed: int) -> torch.Tensor:
+    """One epoch's permutation (kept: every step of the epoch reads it; a corpus may hold millions of samples)."""
+    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
 
 
 
 PADDING_WARNING = 0.10
 
 
+def _real_tokens(token_docs) -> int:
+    """Tokens of the documents, each followed by its end-of-document token."""
+    if hasattr(token_docs, "num_real_tokens"):
+        return token_docs.num_real_tokens
+    return sum(len(d) + 1 for d in token_docs if len(d))
+
+
 def padding_fraction(token_docs: Sequence[Sequence[int]], num_samples: int, sample_length: int) -> float:
     """The share of the ``num_samples × sample_length`` training tokens that are padding (documents are followed by
-    one end-of-document token each, as :func:`pack_documents` does)."""
-    real = sum(len(d) + 1 for d in token_docs if len(d))
+    one end-of-document token each, as :func:`pack_documents` does). ``token_docs`` may be a
+    :class:`~easy_context.training.corpus.PackedSamples`."""
+    real = _real_tokens(token_docs)
     total = num_samples * sample_length
     return max(0.0, 1.0 - real / total) if total else 0.0
 
@@ -168,7 +181,7 @@ def warn_padding(token_docs, num_samples: int, seq_length: int, method=None, sp_
         length = -(-seq_length // multiple) * multiple
     share = padding_fraction(token_docs, num_samples, length)
     if share > PADDING_WARNING and os.environ.get("RANK", "0") == "0":
-        real = sum(len(d) + 1 for d in token_docs if len(d))
+        real = _real_tokens(token_docs)
         hint = (f"lower --seq-length (the data holds {real} tokens)" if num_samples == 1 else
                 "pack documents (drop --no-pack), lower --seq-length, or add data")
         print(f"{prog}: warning: {share:.0%} of the training tokens are padding ({real} real tokens in {num_samples} "

@@ -207,10 +207,11 @@ release_locks = S.release_locks
 
 def run_signature(args, accelerator, dp_size: int, sp_size: int, data: Dict[str, torch.Tensor]) -> dict:
     """:func:`easy_context.run_safety.run_signature` of a ``train.py`` run: its options, processes, the method's
-    layout, the DeepSpeed stage and a fingerprint of the packed data."""
+    layout, the DeepSpeed stage and a fingerprint of the packed data (a
+    :class:`~easy_context.training.corpus.PackedSamples` brings its own, from the content and the packing options)."""
     layout = get_method(args.parallel_mode).layout
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     return S.run_signature(args, num_processes=accelerator.num_processes, dp_size=dp_size, sp_size=sp_size,
                            layout=layout.name if layout is not None else "none", num_samples=len(data["input_ids"]),
-                           data_fingerprint=S.fingerprint_tensors(*data.values()),
+                           data_fingerprint=getattr(data, "fingerprint", None) or S.fingerprint_tensors(*data.values()),
                            deepspeed_stage=plugin.zero_stage if plugin is not None else None)
