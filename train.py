@@ -48,7 +48,7 @@ parser.add_argument("--weight-decay", type=float_range(0), default=0.0)
 parser.add_argument("--max-grad-norm", type=float_range(0), default=1.0, help="gradient clipping; 0: none")
 parser.add_argument("--steps", "--max-train-steps", type=int_range(1), default=100, help="optimizer steps")
 parser.add_argument("--seed", type=int_range(0), default=0)
-parser.add_argument("--loss-chunk-size", type=int_range(1), default=4096, help="tokens per lm_head+loss chunk")
+parser.add_argument("--loss-chunk-size", type=T.loss_chunk_size_arg, default=4096, help="tokens per chunk, or auto")
 parser.add_argument("--checkpointing", choices=T.CHECKPOINTING, default="full", help="activation checkpointing: "
                     "whole layers, 'remat' (recompute up to the attention output), or none")
 parser.add_argument("--output-dir", default="outputs/run", help="checkpoints, log.jsonl and the final model; "

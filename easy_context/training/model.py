@@ -9,11 +9,11 @@ import torch
 
 from ..assets import smollm2_path
 from ..checkpointing import enable_remat_aware_checkpointing
-from ..loss import chunked_cross_entropy_sum
+from ..loss import chunked_cross_entropy_sum, resolve_loss_chunk_size
 from ..model_config import set_rope_theta
 
 __all__ = ["TINY_CONFIG", "model_path", "build_model", "CHECKPOINTING", "enable_checkpointing", "build_optimizer",
-           "ChunkedLossModel"]
+           "ChunkedLossModel", "loss_chunk_size_arg"]
 
 TINY_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, tie_word_embeddings=False)
@@ -96,13 +96,33 @@ def build_optimizer(params, lr: float, weight_decay: float, accelerator):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
+def loss_chunk_size_arg(value: str):
+    """``type=`` for ``--loss-chunk-size``: a positive number of tokens, or ``auto`` (sized from memory by
+    :func:`easy_context.loss.auto_loss_chunk_size` for each step's local tokens)."""
+    import argparse
+
+    if value == "auto":
+        return value
+    try:
+        chunk = int(value)
+    except ValueError:
+        chunk = 0
+    if chunk < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value} (or auto, sized from memory)")
+    return chunk
+
+
+loss_chunk_size_arg.range_text = ">= 1, or auto"
+
+
 class ChunkedLossModel(torch.nn.Module):
     """``forward(input_ids, position_ids, target_ids) -> (loss sum, valid-target count)`` of a causal LM.
 
     Runs the decoder, then :func:`easy_context.chunked_cross_entropy_sum` over the output head ``chunk_size`` tokens
     at a time, so the ``tokens × vocab`` float32 logits never exist at once. One module owns the whole step, so
     DDP and DeepSpeed wrap it like any model; with ZeRO-3 pass ``zero3=True`` so the head weight (used outside the
-    head's own forward) is gathered for this module.
+    head's own forward) is gathered for this module. ``chunk_size="auto"`` sizes the chunk from memory for each
+    call's local tokens (:func:`easy_context.loss.auto_loss_chunk_size`); the result does not depend on it.
     """
 
     def __init__(self, model, chunk_size: int = 4096, zero3: bool = False):
@@ -117,5 +137,9 @@ class ChunkedLossModel(torch.nn.Module):
     def forward(self, input_ids, position_ids, target_ids):
         hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
         head = self.model.get_output_embeddings()
-        return chunked_cross_entropy_sum(hidden, head.weight, target_ids, bias=head.bias, chunk_size=self.chunk_size)
+        config = self.model.config
+        chunk = resolve_loss_chunk_size(self.chunk_size, target_ids.numel(), hidden_size=config.hidden_size,
+                                        intermediate_size=getattr(config, "intermediate_size", 4 * config.hidden_size),
+                                        vocab_size=config.vocab_size)
+        return chunked_cross_entropy_sum(hidden, head.weight, target_ids, bias=head.bias, chunk_size=chunk)
 
