@@ -2,6 +2,7 @@
 pipeline's, the tokenization cache is reused and invalidated by content, a pre-tokenized dataset is read in place
 without being materialised, and ``prepare`` -> ``train.py`` gives the same run as training on the source."""
 
+import copy
 import json
 import os
 import subprocess
@@ -216,3 +217,7 @@ def test_prepare_then_train(tmp_path, dataset):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"data: {len(source)} samples of 128 tokens" in proc.stdout
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2
+    other = copy.deepcopy(tokenizer)
+    other.add_tokens(["<a-token-of-another-tokenizer>"])
+    with pytest.raises(ValueError, match="was prepared with the tokenizer"):
+        T.open_samples(str(out), other, 128, PAD)
