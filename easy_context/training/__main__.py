@@ -12,18 +12,17 @@
 
 import sys
 
+from .corpus import main as prepare
+from .rope import main as rope_base
+
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["prepare"]:
-        from .corpus import main as prepare
-
         return prepare(argv[1:])
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.replace("``", "").strip())
         return 0 if argv else 2
-    from .rope import main as rope_base
-
     return rope_base(argv)
 
 

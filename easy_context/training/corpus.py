@@ -40,7 +40,10 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .. import cli
+from ..assets import austen_texts
 from ..loss import IGNORE_INDEX
+from .model import model_path
 
 __all__ = ["TokenDocuments", "PackedSamples", "open_documents", "open_samples", "open_store", "write_store",
            "tokenizer_fingerprint", "cache_root", "is_store", "check_dataset", "STORE_FORMAT"]
@@ -414,8 +417,6 @@ def _dataset_files_fingerprint(ds, fallback: str) -> str:
 
 def _open_source(spec: str, text_field: str, split: str) -> _Source:
     if spec == "austen":
-        from ..assets import austen_texts
-
         texts = list(austen_texts().values())
         return _Source(_digest(json.dumps(["austen", texts]).encode()), texts=lambda: iter(texts), count=len(texts))
     check_dataset(spec)
@@ -594,8 +595,6 @@ def _max_id(docs: TokenDocuments) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m easy_context.training prepare``: tokenize a corpus into a folder that ``train.py --dataset``
     reads."""
-    from .. import cli
-
     parser = cli.Parser(prog="python -m easy_context.training prepare",
                         description="Tokenize a corpus once, ahead of training (a CPU machine is enough), into a "
                         "folder that train.py reads with --dataset DIR: the tokens of every document back to back "
@@ -610,8 +609,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     cli.install_error_handler(parser.prog)
     from transformers import AutoTokenizer
-
-    from .model import model_path
 
     started = time.perf_counter()
     with cli.user_errors(ValueError, FileNotFoundError, FileExistsError, OSError):
