@@ -172,8 +172,8 @@ class PackedSamples:
                                        np.zeros((0, self.seq_length), np.bool_ if k == "doc_start" else np.int64))
                    for i, k in enumerate(self.KEYS)}
             self._last = (key, out)
-        out = self._last[1]
-        return {k: v[0] for k, v in out.items()} if single else dict(out)
+        out = self._last[1]  # copies: a caller may change what it is given
+        return {k: (v[0] if single else v).clone() for k, v in out.items()}
 
     def _sample(self, r: int):
         S = self.seq_length
