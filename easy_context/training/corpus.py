@@ -229,28 +229,41 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _file_digests(paths: Sequence[Path]) -> List[str]:
     """SHA-256 of each file's content. Digests are remembered in the cache by (path, size, mtime, inode), so an
-    unchanged file is hashed once."""
+    unchanged file is hashed once; processes that start together hash it once between them (a file lock)."""
     memo_path = cache_root() / "file_digests.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    out, changed = [], False
-    for path in paths:
-        st = os.stat(path)
-        key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
-        if key not in memo:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 24), b""):
-                    h.update(block)
-            memo[key], changed = h.hexdigest(), True
-        out.append(memo[key])
-    if changed:
-        with contextlib.suppress(OSError):
-            memo_path.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(memo_path, json.dumps(memo))
-    return out
+
+    def keys():
+        out = []
+        for path in paths:
+            st = os.stat(path)
+            out.append(f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}")
+        return out
+
+    def load():
+        try:
+            return json.loads(memo_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    memo, names = load(), keys()
+    if all(k in memo for k in names):
+        return [memo[k] for k in names]
+    with contextlib.ExitStack() as stack:
+        with contextlib.suppress(OSError):  # a read-only cache: hash without remembering
+            stack.enter_context(_locked(memo_path.with_name("file_digests.lock")))
+        memo = load()  # another process may have hashed them meanwhile
+        changed = False
+        for path, key in zip(paths, names):
+            if key not in memo:
+                h = hashlib.sha256()
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 24), b""):
+                        h.update(block)
+                memo[key], changed = h.hexdigest(), True
+        if changed:
+            with contextlib.suppress(OSError):
+                _write_atomic(memo_path, json.dumps(memo))
+    return [memo[k] for k in names]
 
 
 def _files_fingerprint(files: Sequence[Path], root: Optional[Path], *extra) -> str:
