@@ -567,7 +567,7 @@ def open_samples(spec: str, tokenizer, seq_length: int, pad_id: int, *, text_fie
 # ---------------------------------------------------------------------------------------------------- prepare
 
 
-def _pretokenized_documents(docs: TokenDocuments, batch: int = 4096) -> Iterator[np.ndarray]:
+def _pretokenized_documents(docs: TokenDocuments, batch: int = 256) -> Iterator[np.ndarray]:
     for first in range(0, len(docs), batch):
         lengths, starts = docs.lengths[first:first + batch], docs.starts[first:first + batch]
         flat = docs.take(np.concatenate([s + np.arange(n) for s, n in zip(starts, lengths)]))
