@@ -103,6 +103,11 @@ def test_every_source_gives_todays_samples(tmp_path, tokenizer, dataset):
             _assert_same(reference, T.open_samples(str(spec), tokenizer, 128, PAD, **options))
             if spec != dataset:
                 break  # the packing options are covered by the first source
+    prepared = C.prepare(str(tmp_path / "tok_ds"), tokenizer, tmp_path / "prepared", progress=False)
+    assert C.open_store(prepared).meta["dtype"] == "uint16"
+    direct = T.open_samples(str(tmp_path / "tok_ds"), tokenizer, 128, PAD)
+    _assert_same(direct.to_dict(), T.open_samples(str(prepared), tokenizer, 128, PAD))
+    assert T.open_samples(str(prepared), tokenizer, 128, PAD).fingerprint == direct.fingerprint
     text_fp = T.open_samples(dataset, tokenizer, 128, PAD).fingerprint
     assert T.open_samples(str(tmp_path / "text_ds"), tokenizer, 128, PAD).fingerprint != text_fp  # other files
 
