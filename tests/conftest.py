@@ -4,6 +4,15 @@ import sys
 # Make the helper modules in tests/ importable (also by the spawned worker processes).
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Token stores that train.py builds go to a folder of this test session (inherited by the processes tests launch),
+# not to the user's cache.
+if "EASY_CONTEXT_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["EASY_CONTEXT_CACHE"] = tempfile.mkdtemp(prefix="easy_context_test_cache-")
+    atexit.register(shutil.rmtree, os.environ["EASY_CONTEXT_CACHE"], True)
 
 import pytest  # noqa: E402
 
