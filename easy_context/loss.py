@@ -31,6 +31,7 @@ __all__ = [
     "seq_parallel_cross_entropy",
     "chunked_cross_entropy_sum",
     "LOSS_CHUNK_ROWS",
+    "loss_bytes_per_chunk_token",
     "loss_chunk_size_for_budget",
     "auto_loss_chunk_size",
     "resolve_loss_chunk_size",
@@ -120,34 +121,43 @@ def chunked_cross_entropy_sum(
 
 
 #: Float32 ``vocab``-wide rows alive at once per token of a chunk at the loss's peak (its backward: the recomputed
-#: logits, their log-softmax and the logits' gradient).
+#: logits' log-softmax, the gradient of the loss and the logits' gradient).
 LOSS_CHUNK_ROWS = 3
 
 
-def loss_chunk_size_for_budget(budget_bytes: float, vocab_size: int, *, multiple: int = 256) -> int:
-    """The largest chunk (a multiple of ``multiple`` tokens, at least ``multiple``) whose loss working set,
-    ``LOSS_CHUNK_ROWS × chunk × vocab_size × 4`` bytes, fits in ``budget_bytes``."""
-    per_token = LOSS_CHUNK_ROWS * vocab_size * 4
-    return max(multiple, int(budget_bytes // per_token) // multiple * multiple)
+def loss_bytes_per_chunk_token(vocab_size: int, dtype_bytes: int = 4) -> int:
+    """Bytes of the loss's working set per token of a chunk: ``LOSS_CHUNK_ROWS`` float32 rows of ``vocab_size``,
+    plus the head's own output row in a 16-bit training dtype."""
+    return (LOSS_CHUNK_ROWS * 4 + (dtype_bytes if dtype_bytes < 4 else 0)) * vocab_size
+
+
+def loss_chunk_size_for_budget(budget_bytes: float, vocab_size: int, *, dtype_bytes: int = 4,
+                               multiple: int = 256) -> int:
+    """The largest chunk (a multiple of ``multiple`` tokens, at least ``multiple``) whose loss working set
+    (:func:`loss_bytes_per_chunk_token` per token) fits in ``budget_bytes``."""
+    chunk = int(budget_bytes // loss_bytes_per_chunk_token(vocab_size, dtype_bytes))
+    return max(multiple, chunk // multiple * multiple)
 
 
 def auto_loss_chunk_size(tokens: int, *, hidden_size: int, intermediate_size: int, vocab_size: int,
-                         multiple: int = 256) -> int:
-    """A loss chunk sized from memory: its working set is at most one decoder layer's recompute working set over
-    the same ``tokens`` (about ``(5 × intermediate + 10 × hidden) × 4`` bytes per token in float32), so the loss is
-    never the step's peak and, like the rest of the step, shrinks as the sequence is split over more ranks.
-    The result is a multiple of ``multiple`` tokens, at least ``multiple`` and at most ``tokens`` rounded up to it.
-    The chunk size never changes the result: the chunks' sums add up to the same loss and gradients."""
-    layer_bytes = tokens * (5 * intermediate_size + 10 * hidden_size) * 4
-    chunk = loss_chunk_size_for_budget(layer_bytes, vocab_size, multiple=multiple)
+                         dtype_bytes: int = 4, multiple: int = 256) -> int:
+    """A loss chunk sized from memory rather than fixed: its working set is at most half of what one decoder layer
+    holds while it is recomputed over the same ``tokens`` (``(8 × hidden + 6 × intermediate) × dtype_bytes`` per
+    token, as ``benchmarks/memory_scaling.py`` measures it), so the loss does not set the step's peak and shrinks,
+    like the rest of the step, as the sequence is split over more ranks. The result is a multiple of ``multiple``
+    tokens, at least ``multiple`` and at most ``tokens`` rounded up to it. The chunk size never changes the result:
+    the chunks' sums add up to the same loss and gradients."""
+    layer_bytes = tokens * (8 * hidden_size + 6 * intermediate_size) * dtype_bytes
+    chunk = loss_chunk_size_for_budget(layer_bytes / 2, vocab_size, dtype_bytes=dtype_bytes, multiple=multiple)
     return min(chunk, -(-tokens // multiple) * multiple)
 
 
-def resolve_loss_chunk_size(spec, tokens: int, *, hidden_size: int, intermediate_size: int, vocab_size: int) -> int:
+def resolve_loss_chunk_size(spec, tokens: int, *, hidden_size: int, intermediate_size: int, vocab_size: int,
+                            dtype_bytes: int = 4) -> int:
     """``spec`` as an integer chunk size, or ``"auto"`` as :func:`auto_loss_chunk_size` for ``tokens`` tokens."""
     if spec == "auto":
         return auto_loss_chunk_size(tokens, hidden_size=hidden_size, intermediate_size=intermediate_size,
-                                    vocab_size=vocab_size)
+                                    vocab_size=vocab_size, dtype_bytes=dtype_bytes)
     chunk = int(spec)
     if chunk < 1:
         raise ValueError(f"loss chunk size must be a positive integer or 'auto', got {spec!r}")

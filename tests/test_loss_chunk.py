@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from easy_context import training as T
-from easy_context.loss import (LOSS_CHUNK_ROWS, auto_loss_chunk_size, chunked_cross_entropy_sum,
+from easy_context.loss import (auto_loss_chunk_size, chunked_cross_entropy_sum, loss_bytes_per_chunk_token,
                                loss_chunk_size_for_budget, resolve_loss_chunk_size)
 from reference import rel_err
 from tiny_models import tiny_model
@@ -20,14 +20,17 @@ SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, vocab_size=49152)
 def test_auto_chunk_keeps_the_loss_under_one_layer_working_set(tokens):
     chunk = auto_loss_chunk_size(tokens, **SMOLLM2)
     assert chunk % 256 == 0 and 256 <= chunk <= max(256, -(-tokens // 256) * 256)
-    if chunk > 256:  # above the floor, the loss rows fit in one layer's recompute working set
-        assert LOSS_CHUNK_ROWS * chunk * SMOLLM2["vocab_size"] * 4 <= tokens * (5 * 1536 + 10 * 576) * 4
+    if chunk > 256:  # above the floor, the loss rows fit in half of one layer's recompute working set
+        assert chunk * loss_bytes_per_chunk_token(49152) <= tokens * (8 * 576 + 6 * 1536) * 4 / 2
+    bf16 = auto_loss_chunk_size(tokens, dtype_bytes=2, **SMOLLM2)
+    assert bf16 <= chunk
 
 
 def test_auto_chunk_shrinks_with_the_local_tokens():
     sizes = [auto_loss_chunk_size(t, **SMOLLM2) for t in (65536, 32768, 16384, 8192)]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] >= 7 * sizes[-1]
     assert loss_chunk_size_for_budget(2 ** 30, 49152) == 1792  # 1 GiB of 3 float32 rows of 49152
+    assert loss_bytes_per_chunk_token(32000, 2) == 14 * 32000  # and the bfloat16 logits
     assert resolve_loss_chunk_size(4096, 100, **SMOLLM2) == 4096
     assert resolve_loss_chunk_size("auto", 16384, **SMOLLM2) == auto_loss_chunk_size(16384, **SMOLLM2)
     with pytest.raises(ValueError, match="positive"):

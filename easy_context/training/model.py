@@ -140,6 +140,6 @@ class ChunkedLossModel(torch.nn.Module):
         config = self.model.config
         chunk = resolve_loss_chunk_size(self.chunk_size, target_ids.numel(), hidden_size=config.hidden_size,
                                         intermediate_size=getattr(config, "intermediate_size", 4 * config.hidden_size),
-                                        vocab_size=config.vocab_size)
+                                        vocab_size=config.vocab_size, dtype_bytes=hidden.element_size())
         return chunked_cross_entropy_sum(hidden, head.weight, target_ids, bias=head.bias, chunk_size=chunk)
 
