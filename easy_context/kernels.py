@@ -9,6 +9,13 @@ Tensor layout, everywhere in this module:
 ``causal=True`` is only defined for square blocks (``Sq == Sk``): the schedules only ever need the diagonal block
 causally masked, and this keeps every backend's alignment convention (top-left vs bottom-right) out of the question.
 
+Packed documents: ``q_docs`` and ``k_docs`` give the document id of every query row and key row (``(Sq,)`` and
+``(Sk,)``, or ``(B, Sq)`` and ``(B, Sk)`` when the rows of a batch are packed differently), non-decreasing along the
+sequence. A query then attends only to keys of its own document: the block splits into one sub-block per document
+that both sides hold, each computed by the fused kernel (square causal on the diagonal block, full otherwise), so the
+work is the sum of the sub-blocks' sizes and a block that shares no document calls no kernel. Query rows whose
+document has no key in the block get ``out = 0`` and ``lse = -inf``, which :func:`merge` treats as empty.
+
 Backends (chosen per call by :func:`select_backend`, or forced with ``EASY_CONTEXT_ATTN_BACKEND``):
 
 ``torch_cpu``   ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward (any CPU, fp32/bf16/fp16).
@@ -33,6 +40,7 @@ __all__ = [
     "BACKENDS",
     "count_block_work",
     "block_attention",
+    "document_ids",
     "block_attention_backward",
     "merge",
     "select_backend",
@@ -138,29 +146,143 @@ def softmax_scale(q: torch.Tensor, scale: Optional[float] = None) -> float:
     return q.shape[-1] ** -0.5 if scale is None else scale
 
 
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Document id of every token of a full sequence from its ``position_ids`` (``(S,)`` or ``(B, S)``).
+
+    A document starts at the first token and wherever the positions do not continue by one (they restart, usually at
+    0, as ``DataCollatorWithFlattening`` writes them). Ids count documents from 0 along each row.
+    """
+    starts = torch.ones_like(position_ids, dtype=torch.long)
+    starts[..., 1:] = (position_ids.diff(dim=-1) != 1).long()
+    return starts.cumsum(-1) - 1
+
+
+SubBlock = Tuple[int, int, int, int]  # query rows [q0, q1) x key rows [k0, k1)
+
+
+def _runs(docs: torch.Tensor) -> dict:
+    """``{doc id: (start, end)}`` of a non-decreasing 1-D tensor of document ids."""
+    ids, counts = torch.unique_consecutive(docs.cpu(), return_counts=True)
+    ids, counts = ids.tolist(), counts.tolist()
+    if len(set(ids)) != len(ids) or ids != sorted(ids):
+        raise ValueError("document ids must be non-decreasing along the sequence (each document one run of rows)")
+    runs, start = {}, 0
+    for doc, n in zip(ids, counts):
+        runs[doc] = (start, start + n)
+        start += n
+    return runs
+
+
+def document_sub_blocks(q_docs: torch.Tensor, k_docs: torch.Tensor, causal: bool) -> List[SubBlock]:
+    """The (query rows, key rows) sub-blocks of one block that share a document, for 1-D document ids.
+
+    With ``causal`` the block is a diagonal block (its query and key rows are the same tokens), so each document's
+    sub-block is square and causal; otherwise every shared document's sub-block is full.
+    """
+    if causal and not torch.equal(q_docs.cpu(), k_docs.cpu()):
+        raise ValueError("a causal (diagonal) block needs the same document ids for its query and key rows")
+    q_runs, k_runs = _runs(q_docs), _runs(k_docs)
+    return [(*q_runs[d], *k_runs[d]) for d in q_runs if d in k_runs]
+
+
+def _per_row_docs(docs: torch.Tensor, batch: int) -> Optional[List[torch.Tensor]]:
+    """``None`` when one 1-D id vector holds for the whole batch, else one vector per batch row."""
+    if docs.dim() == 1:
+        return None
+    if docs.dim() != 2 or docs.shape[0] not in (1, batch):
+        raise ValueError(f"document ids must be (S,) or (B, S) with B={batch}, got {tuple(docs.shape)}")
+    if docs.shape[0] == 1 or bool((docs == docs[:1]).all()):
+        return None
+    return list(docs)
+
+
+def _first_row(docs: torch.Tensor) -> torch.Tensor:
+    return docs if docs.dim() == 1 else docs[0]
+
+
+def _document_forward(q, k, v, causal, scale, backend, q_docs, k_docs):
+    rows = _per_row_docs(q_docs, q.shape[0]), _per_row_docs(k_docs, q.shape[0])
+    if rows[0] is not None or rows[1] is not None:  # rows of the batch packed differently: one row at a time
+        parts = [_document_forward(q[b:b + 1], k[b:b + 1], v[b:b + 1], causal, scale, backend,
+                                   _first_row(q_docs[b] if q_docs.dim() == 2 and q_docs.shape[0] > 1 else q_docs),
+                                   _first_row(k_docs[b] if k_docs.dim() == 2 and k_docs.shape[0] > 1 else k_docs))
+                 for b in range(q.shape[0])]
+        return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
+    subs = document_sub_blocks(_first_row(q_docs), _first_row(k_docs), causal)
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.full(q.shape[:3], -math.inf, dtype=torch.float32, device=q.device)
+    forward = _FORWARD[select_backend(q, backend)]
+    for q0, q1, k0, k1 in subs:
+        for counter in _WORK_COUNTERS:
+            counter.add(q1 - q0, k1 - k0, causal)
+        o, l = forward(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], causal, scale)
+        out[:, :, q0:q1] = o
+        lse[:, :, q0:q1] = l
+    return out, lse
+
+
+def _document_backward(dout, q, k, v, out, lse, causal, scale, backend, q_docs, k_docs):
+    rows = _per_row_docs(q_docs, q.shape[0]), _per_row_docs(k_docs, q.shape[0])
+    if rows[0] is not None or rows[1] is not None:
+        parts = [_document_backward(dout[b:b + 1], q[b:b + 1], k[b:b + 1], v[b:b + 1], out[b:b + 1], lse[b:b + 1],
+                                    causal, scale, backend,
+                                    _first_row(q_docs[b] if q_docs.dim() == 2 and q_docs.shape[0] > 1 else q_docs),
+                                    _first_row(k_docs[b] if k_docs.dim() == 2 and k_docs.shape[0] > 1 else k_docs))
+                 for b in range(q.shape[0])]
+        return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
+    subs = document_sub_blocks(_first_row(q_docs), _first_row(k_docs), causal)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    backward = _BACKWARD[select_backend(q, backend)]
+    for q0, q1, k0, k1 in subs:
+        dq_s, dk_s, dv_s = backward(dout[:, :, q0:q1], q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1],
+                                    out[:, :, q0:q1], lse[:, :, q0:q1].contiguous(), causal, scale)
+        dq[:, :, q0:q1] = dq_s
+        dk[:, :, k0:k1] = dk_s
+        dv[:, :, k0:k1] = dv_s
+    return dq, dk, dv
+
+
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-                    scale: Optional[float] = None, backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Attend one block of queries to one block of keys. Returns ``(out, lse)``; no autograd graph is recorded."""
+                    scale: Optional[float] = None, backend: Optional[str] = None,
+                    q_docs: Optional[torch.Tensor] = None,
+                    k_docs: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attend one block of queries to one block of keys. Returns ``(out, lse)``; no autograd graph is recorded.
+
+    With ``q_docs`` and ``k_docs`` (document ids of the query and key rows) a query attends only to keys of its own
+    document, computed one shared document at a time (see the module notes).
+    """
     _check(q, k, v, causal)
     scale = softmax_scale(q, scale)
-    for counter in _WORK_COUNTERS:
-        counter.add(q.shape[2], k.shape[2], causal)
+    if (q_docs is None) != (k_docs is None):
+        raise ValueError("give document ids for both the query rows and the key rows, or for neither")
     with torch.no_grad():
+        if q_docs is not None:
+            return _document_forward(q, k, v, causal, scale, backend, q_docs, k_docs)
+        for counter in _WORK_COUNTERS:
+            counter.add(q.shape[2], k.shape[2], causal)
         return _FORWARD[select_backend(q, backend)](q, k, v, causal, scale)
 
 
 def block_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                              lse: torch.Tensor, causal: bool = False, scale: Optional[float] = None,
-                             backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             backend: Optional[str] = None, q_docs: Optional[torch.Tensor] = None,
+                             k_docs: Optional[torch.Tensor] = None,
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` of one block.
 
     ``out`` and ``lse`` may be the *final* merged values of the query rows rather than this block's own: the softmax
     probabilities are then the globally normalised ones, so the block's gradients are its exact share of the total.
-    This is what makes every schedule's backward a sum of independent block backwards.
+    This is what makes every schedule's backward a sum of independent block backwards. ``q_docs`` / ``k_docs`` as
+    in :func:`block_attention`; rows outside every shared document get zero gradients.
     """
     _check(q, k, v, causal)
     scale = softmax_scale(q, scale)
+    if (q_docs is None) != (k_docs is None):
+        raise ValueError("give document ids for both the query rows and the key rows, or for neither")
     with torch.no_grad():
+        if q_docs is not None:
+            return _document_backward(dout, q, k, v, out.to(q.dtype), lse.float(), causal, scale, backend,
+                                      q_docs, k_docs)
         return _BACKWARD[select_backend(q, backend)](dout, q, k, v, out.to(q.dtype), lse.float(), causal, scale)
 
 

@@ -1,0 +1,183 @@
+"""Packed documents at the attention level: a query attends only to earlier keys of its own document.
+
+Document ids come from the full sequence's restarting ``position_ids``. Ring and zigzag ring attention over real
+gloo ranks are compared with a float64 reference under a block-diagonal causal mask: out, lse, dq, dk, dv.
+"""
+
+import math
+from typing import List, NamedTuple, Optional
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from reference import FP32_TOL, random_qkv, rel_err
+
+SEQ = 64  # divisible by 2P for P = 1, 2, 4
+
+
+def positions(lengths: List[int]) -> torch.Tensor:
+    """Restarting position_ids of documents of ``lengths``, packed into one row."""
+    assert sum(lengths) == SEQ
+    return torch.cat([torch.arange(n) for n in lengths])
+
+
+def many_short(seed: int) -> List[int]:
+    g = torch.Generator().manual_seed(seed)
+    lengths, total = [], 0
+    while total < SEQ:
+        n = min(int(torch.randint(1, 6, (), generator=g)), SEQ - total)
+        lengths.append(n)
+        total += n
+    return lengths
+
+
+class Case(NamedTuple):
+    position_ids: torch.Tensor  # (S,) shared by the batch, or (B, S)
+    batch: int = 1
+    heads: int = 4
+    kv_heads: int = 2
+    causal: bool = True
+    head_dim: int = 32
+    seed: int = 0
+
+
+CASES = [
+    # documents crossing every shard and zigzag chunk boundary, two of one token
+    Case(positions([5, 1, 20, 13, 1, 24])),
+    # a row of many short documents
+    Case(positions(many_short(1)), seed=1),
+    # one document: plain causal attention
+    Case(torch.arange(SEQ), heads=2, kv_heads=2, seed=2),
+    # rows of a batch packed differently, MHA
+    Case(torch.stack([positions([1, 31, 32]), positions(many_short(2))]), batch=2, heads=2, kv_heads=2, seed=3),
+    # non-causal: every key of the query's own document
+    Case(positions([9, 30, 1, 24]), causal=False, seed=4),
+]
+
+
+def packed_reference(q, k, v, doc_ids, causal: bool):
+    """float64 attention with a block-diagonal (causal) mask; rows of ``doc_ids`` per batch row. Differentiable."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(groups, dim=1)
+    v = v.double().repeat_interleave(groups, dim=1)
+    s = q.double() @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    docs = doc_ids.expand(q.shape[0], -1)
+    allowed = docs[:, :, None] == docs[:, None, :]
+    if causal:
+        allowed = allowed & torch.ones(s.shape[-1], s.shape[-1], dtype=torch.bool).tril()
+    s = s.masked_fill(~allowed[:, None], -math.inf)
+    return torch.softmax(s, dim=-1) @ v, torch.logsumexp(s, dim=-1)
+
+
+def run_cases(rank: int, world_size: int, method_name: str, cases: List[Case]):
+    from easy_context.kernels import document_ids
+    from easy_context.methods import get_method
+
+    method = get_method(method_name)
+    results = []
+    for c in cases:
+        q, k, v, dout = random_qkv(c.batch, c.heads, c.kv_heads, SEQ, c.head_dim, torch.float32, c.seed)
+        shard = lambda x: method.layout.shard(x, rank, world_size, dim=2)  # noqa: E731
+        ql, kl, vl = (shard(x).requires_grad_() for x in (q, k, v))
+        out, lse = method.attention(ql, kl, vl, causal=c.causal, scale=None, group=None,
+                                    doc_ids=document_ids(c.position_ids))
+        out.backward(shard(dout))
+        results.append([t.detach() for t in (out, lse, ql.grad, kl.grad, vl.grad)])
+    return results
+
+
+def errors(method_name: str, world_size: int, cases: List[Case]) -> List[dict]:
+    from easy_context.kernels import document_ids
+    from easy_context.methods import get_method
+
+    method = get_method(method_name)
+    if world_size == 1:
+        per_rank = [run_cases(0, 1, method_name, cases)]
+    else:
+        per_rank = run_distributed(run_cases, world_size, method_name, cases)
+    found = []
+    for i, c in enumerate(cases):
+        got = [method.layout.unshard([per_rank[r][i][j] for r in range(world_size)], dim=2) for j in range(5)]
+        q, k, v, dout = random_qkv(c.batch, c.heads, c.kv_heads, SEQ, c.head_dim, torch.float32, c.seed)
+        q, k, v = (x.double().requires_grad_() for x in (q, k, v))
+        ref_out, ref_lse = packed_reference(q, k, v, document_ids(c.position_ids), c.causal)
+        ref_out.backward(dout.double())
+        errs = {}
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, (ref_out, ref_lse, q.grad, k.grad, v.grad)):
+            assert a.shape == b.shape, f"{name} shape {tuple(a.shape)} != {tuple(b.shape)}"
+            errs[name] = rel_err(a, b)
+        found.append(errs)
+    return found
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("method", ["ring_attn", "zigzag_ring_attn"])
+def test_packed_documents_match_reference(method, world_size):
+    for c, errs in zip(CASES, errors(method, world_size, CASES)):
+        worst = max(errs, key=errs.get)
+        assert errs[worst] <= FP32_TOL, (f"{method} P={world_size} documents at {c.position_ids.tolist()}: "
+                                         f"{worst} relative error {errs[worst]:.2e} > {FP32_TOL:.0e}")
+
+
+def test_document_ids_from_restarting_positions():
+    from easy_context.kernels import document_ids
+
+    assert document_ids(torch.tensor([0, 1, 2, 0, 0, 1])).tolist() == [0, 0, 0, 1, 2, 2]
+    assert document_ids(torch.tensor([[5, 6, 0, 1], [0, 1, 2, 3]])).tolist() == [[0, 0, 1, 1], [0, 0, 0, 0]]
+
+
+def _block(q_docs, k_docs, causal=False, backend: Optional[str] = None):
+    from easy_context.kernels import block_attention, count_block_work
+
+    q, k, v, _ = random_qkv(1, 2, 1, len(q_docs), 16, torch.float32, seed=7)
+    if len(k_docs) != len(q_docs):
+        k, v = k[:, :, : len(k_docs)], v[:, :, : len(k_docs)]
+    with count_block_work() as work:
+        out, lse = block_attention(q, k, v, causal, q_docs=torch.tensor(q_docs), k_docs=torch.tensor(k_docs),
+                                   backend=backend)
+    return work, out, lse
+
+
+def test_block_without_shared_document_calls_no_kernel():
+    work, out, lse = _block([0, 0, 1, 1], [2, 2, 3])
+    assert work.calls == 0 and work.pairs == 0
+    assert torch.equal(out, torch.zeros_like(out)) and bool(torch.isneginf(lse).all())
+
+
+def test_block_costs_only_shared_documents():
+    work, out, lse = _block([0, 0, 1, 1, 1, 3], [1, 1, 2, 3, 3, 3])  # documents 1 (3x2) and 3 (1x3) meet
+    assert work.calls == 2 and work.pairs == 3 * 2 + 1 * 3
+    assert bool(torch.isneginf(lse[..., :2]).all()) and not bool(torch.isneginf(lse[..., 2:]).any())
+    work, _, _ = _block([0, 0, 0, 1, 2, 2], [0, 0, 0, 1, 2, 2], causal=True)  # diagonal: one causal square each
+    assert work.calls == 3 and work.pairs == 0.5 * (9 + 1 + 4)
+
+
+@pytest.mark.parametrize("backend", ["torch_cpu", "math"])
+def test_block_matches_masked_reference(backend):
+    from easy_context.kernels import block_attention, block_attention_backward
+
+    q_docs, k_docs = torch.tensor([0, 1, 1, 1, 2, 2, 4, 4]), torch.tensor([1, 1, 2, 2, 2, 3, 4, 4])
+    q, k, v, dout = random_qkv(1, 4, 2, 8, 16, torch.float32, seed=8)
+    out, lse = block_attention(q, k, v, q_docs=q_docs, k_docs=k_docs, backend=backend)
+    dq, dk, dv = block_attention_backward(dout, q, k, v, out, lse, q_docs=q_docs, k_docs=k_docs, backend=backend)
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    groups = 2
+    s = qd @ kd.repeat_interleave(groups, 1).transpose(-1, -2) * 16 ** -0.5
+    s = s.masked_fill(~(q_docs[:, None] == k_docs[None, :]), -math.inf)
+    ref_lse = torch.logsumexp(s, -1)
+    ref_out = (torch.softmax(s, -1).nan_to_num(0.0)) @ vd.repeat_interleave(groups, 1)
+    ref_out.backward(dout.double())
+    assert bool(torch.isneginf(lse[..., 0]).all()) and torch.equal(out[..., 0, :], torch.zeros_like(out[..., 0, :]))
+    seen = ~torch.isneginf(ref_lse)
+    assert rel_err(lse[seen], ref_lse[seen]) <= FP32_TOL
+    for a, b in ((out, ref_out), (dq, qd.grad), (dk, kd.grad), (dv, vd.grad)):
+        assert rel_err(a, b) <= FP32_TOL
+
+
+def test_stripe_refuses_documents():
+    from easy_context.methods import get_method
+
+    q, k, v, _ = random_qkv(1, 2, 2, 8, 16, torch.float32, seed=9)
+    with pytest.raises(NotImplementedError, match="stripe_attn does not support packed documents"):
+        get_method("stripe_attn").attention(q, k, v, causal=True, doc_ids=torch.zeros(8, dtype=torch.long))
