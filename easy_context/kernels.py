@@ -11,9 +11,10 @@ causally masked, and this keeps every backend's alignment convention (top-left v
 
 Packed documents: ``q_docs`` and ``k_docs`` give the document id of every query row and key row (``(Sq,)`` and
 ``(Sk,)``, or ``(B, Sq)`` and ``(B, Sk)`` when the rows of a batch are packed differently), non-decreasing along the
-sequence. A query then attends only to keys of its own document: the block splits into one sub-block per document
-that both sides hold, each computed by the fused kernel (square causal on the diagonal block, full otherwise), so the
-work is the sum of the sub-blocks' sizes and a block that shares no document calls no kernel. Query rows whose
+sequence. A query then attends only to keys of its own document: the block splits into sub-blocks of the documents
+both sides hold, each computed by the fused kernel (see :func:`document_sub_blocks`; on a diagonal block, one causal
+square per document), so the work is the sum of the sub-blocks' sizes and a block that shares no document calls no
+kernel. Query rows whose
 document has no key in the block get ``out = 0`` and ``lse = -inf``, which :func:`merge` treats as empty.
 
 Backends (chosen per call by :func:`select_backend`, or forced with ``EASY_CONTEXT_ATTN_BACKEND``):
@@ -157,7 +158,7 @@ def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return starts.cumsum(-1) - 1
 
 
-SubBlock = Tuple[int, int, int, int]  # query rows [q0, q1) x key rows [k0, k1)
+SubBlock = Tuple[int, int, int, int, bool]  # query rows [q0, q1) x key rows [k0, k1), causal square or full
 
 
 def _runs(docs: torch.Tensor) -> dict:
@@ -174,15 +175,31 @@ def _runs(docs: torch.Tensor) -> dict:
 
 
 def document_sub_blocks(q_docs: torch.Tensor, k_docs: torch.Tensor, causal: bool) -> List[SubBlock]:
-    """The (query rows, key rows) sub-blocks of one block that share a document, for 1-D document ids.
+    """The fused-kernel calls that make up one block under document ids (1-D): ``(q0, q1, k0, k1, causal)``.
 
-    With ``causal`` the block is a diagonal block (its query and key rows are the same tokens), so each document's
-    sub-block is square and causal; otherwise every shared document's sub-block is full.
+    Without ``causal`` each document both sides hold is one full sub-block. With ``causal`` (key row ``i`` visible to
+    query row ``j`` when ``i <= j``), a document held at query rows ``[qs, qe)`` and key rows ``[ks, ke)`` gives at
+    most three pieces: keys before all its queries (full), the rows and keys it holds at the same indices (square
+    causal), and queries after all its keys (full). On a diagonal block (same ids on both sides) that is one causal
+    square per document. A query row may meet two pieces; their results are merged.
     """
-    if causal and not torch.equal(q_docs.cpu(), k_docs.cpu()):
-        raise ValueError("a causal (diagonal) block needs the same document ids for its query and key rows")
     q_runs, k_runs = _runs(q_docs), _runs(k_docs)
-    return [(*q_runs[d], *k_runs[d]) for d in q_runs if d in k_runs]
+    subs: List[SubBlock] = []
+    for d, (qs, qe) in q_runs.items():
+        if d not in k_runs:
+            continue
+        ks, ke = k_runs[d]
+        if not causal:
+            subs.append((qs, qe, ks, ke, False))
+            continue
+        if ks < qs:  # keys before every query of the document
+            subs.append((qs, qe, ks, min(ke, qs), False))
+        lo, hi = max(qs, ks), min(qe, ke)
+        if lo < hi:  # same indices on both sides: the causal square
+            subs.append((lo, hi, lo, hi, True))
+            if hi < qe:  # queries after every key of the document, against the square's keys
+                subs.append((hi, qe, lo, hi, False))
+    return subs
 
 
 def _per_row_docs(docs: torch.Tensor, batch: int) -> Optional[List[torch.Tensor]]:
@@ -209,16 +226,15 @@ def _document_forward(q, k, v, causal, scale, backend, q_docs, k_docs):
                  for b in range(q.shape[0])]
         return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
     subs = document_sub_blocks(_first_row(q_docs), _first_row(k_docs), causal)
-    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(q.shape[:3], -math.inf, dtype=torch.float32, device=q.device)
     forward = _FORWARD[select_backend(q, backend)]
-    for q0, q1, k0, k1 in subs:
+    for q0, q1, k0, k1, sub_causal in subs:
         for counter in _WORK_COUNTERS:
-            counter.add(q1 - q0, k1 - k0, causal)
-        o, l = forward(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], causal, scale)
-        out[:, :, q0:q1] = o
-        lse[:, :, q0:q1] = l
-    return out, lse
+            counter.add(q1 - q0, k1 - k0, sub_causal)
+        o, l = forward(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], sub_causal, scale)
+        merge(out[:, :, q0:q1], lse[:, :, q0:q1], o, l)
+    return out.to(q.dtype), lse
 
 
 def _document_backward(dout, q, k, v, out, lse, causal, scale, backend, q_docs, k_docs):
@@ -231,15 +247,15 @@ def _document_backward(dout, q, k, v, out, lse, causal, scale, backend, q_docs, 
                  for b in range(q.shape[0])]
         return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
     subs = document_sub_blocks(_first_row(q_docs), _first_row(k_docs), causal)
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dq, dk, dv = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
     backward = _BACKWARD[select_backend(q, backend)]
-    for q0, q1, k0, k1 in subs:
+    for q0, q1, k0, k1, sub_causal in subs:
         dq_s, dk_s, dv_s = backward(dout[:, :, q0:q1], q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1],
-                                    out[:, :, q0:q1], lse[:, :, q0:q1].contiguous(), causal, scale)
-        dq[:, :, q0:q1] = dq_s
-        dk[:, :, k0:k1] = dk_s
-        dv[:, :, k0:k1] = dv_s
-    return dq, dk, dv
+                                    out[:, :, q0:q1], lse[:, :, q0:q1].contiguous(), sub_causal, scale)
+        dq[:, :, q0:q1] += dq_s
+        dk[:, :, k0:k1] += dk_s
+        dv[:, :, k0:k1] += dv_s
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,

@@ -1,7 +1,7 @@
 """Packed documents at the attention level: a query attends only to earlier keys of its own document.
 
-Document ids come from the full sequence's restarting ``position_ids``. Ring and zigzag ring attention over real
-gloo ranks are compared with a float64 reference under a block-diagonal causal mask: out, lse, dq, dk, dv.
+Document ids come from the full sequence's restarting ``position_ids``. Ring, zigzag ring and stripe attention over
+real gloo ranks are compared with a float64 reference under a block-diagonal causal mask: out, lse, dq, dk, dv.
 """
 
 import math
@@ -112,7 +112,7 @@ def errors(method_name: str, world_size: int, cases: List[Case]) -> List[dict]:
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
-@pytest.mark.parametrize("method", ["ring_attn", "zigzag_ring_attn"])
+@pytest.mark.parametrize("method", ["ring_attn", "zigzag_ring_attn", "stripe_attn"])
 def test_packed_documents_match_reference(method, world_size):
     for c, errs in zip(CASES, errors(method, world_size, CASES)):
         worst = max(errs, key=errs.get)
@@ -175,9 +175,37 @@ def test_block_matches_masked_reference(backend):
         assert rel_err(a, b) <= FP32_TOL
 
 
-def test_stripe_refuses_documents():
-    from easy_context.methods import get_method
+@pytest.mark.parametrize("backend", ["torch_cpu", "math"])
+def test_causal_block_with_different_documents_matches_masked_reference(backend):
+    """A causal block whose key rows are other tokens than its query rows (stripe's off-diagonal blocks)."""
+    from easy_context.kernels import block_attention, block_attention_backward, count_block_work
+
+    q_docs, k_docs = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2]), torch.tensor([0, 1, 1, 1, 1, 1, 2, 3, 3])
+    q, k, v, dout = random_qkv(1, 2, 1, 9, 16, torch.float32, seed=9)
+    with count_block_work() as work:
+        out, lse = block_attention(q, k, v, True, q_docs=q_docs, k_docs=k_docs, backend=backend)
+    assert work.pairs < 9 * 9 / 2
+    dq, dk, dv = block_attention_backward(dout, q, k, v, out, lse, True, q_docs=q_docs, k_docs=k_docs,
+                                          backend=backend)
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    s = qd @ kd.repeat_interleave(2, 1).transpose(-1, -2) * 16 ** -0.5
+    allowed = (q_docs[:, None] == k_docs[None, :]) & torch.ones(9, 9, dtype=torch.bool).tril()
+    s = s.masked_fill(~allowed, -math.inf)
+    ref_lse = torch.logsumexp(s, -1)
+    ref_out = torch.softmax(s, -1).nan_to_num(0.0) @ vd.repeat_interleave(2, 1)
+    ref_out.backward(dout.double())
+    seen = ~torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), ~seen)
+    assert rel_err(lse[seen], ref_lse[seen]) <= FP32_TOL
+    for a, b in ((out, ref_out), (dq, qd.grad), (dk, kd.grad), (dv, vd.grad)):
+        assert rel_err(a, b) <= FP32_TOL
+
+
+def test_plan_without_document_support_refuses_doc_ids():
+    from easy_context.layout import CONTIGUOUS
+    from easy_context.methods.ring import contiguous_plan, ring_schedule
 
     q, k, v, _ = random_qkv(1, 2, 2, 8, 16, torch.float32, seed=9)
-    with pytest.raises(NotImplementedError, match="stripe_attn does not support packed documents"):
-        get_method("stripe_attn").attention(q, k, v, causal=True, doc_ids=torch.zeros(8, dtype=torch.long))
+    with pytest.raises(NotImplementedError, match="does not support packed documents"):
+        ring_schedule(q, k, v, plan=contiguous_plan, layout=CONTIGUOUS, documents=False,
+                      doc_ids=torch.zeros(8, dtype=torch.long))

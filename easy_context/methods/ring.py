@@ -16,9 +16,9 @@ With world size 1 the plan's single self-block is plain (causal) attention.
 Packed documents: ``doc_ids`` holds the document id of every token of the *full* sequence (``(S,)`` or ``(B, S)``,
 from :func:`easy_context.kernels.document_ids` of the full ``position_ids``), the same on every rank. Each rank takes
 the ids of its own rows and of the visiting block's rows from the layout's global token indices, and the block
-primitive computes only the (query rows, key rows) pieces of a plan piece that share a document. Plans whose causal
-pieces are diagonal blocks (the contiguous and zigzag plans) support this; a plan registered with
-``documents=False`` refuses ``doc_ids``.
+primitive computes only the (query rows, key rows) pieces of a plan piece that share a document. Every plan here
+supports it, since a plan piece's causal mask (key row ``i`` visible to query row ``j`` when ``i <= j``) is the same
+with documents; a plan registered with ``documents=False`` refuses ``doc_ids``.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def ring_schedule(q, k, v, *, plan: Plan, causal: bool = True, scale=None, group
     if doc_ids is not None:
         if not documents:
             raise NotImplementedError(f"{name} does not support packed documents (doc_ids) yet; "
-                                      "use ring_attn or zigzag_ring_attn")
+                                      "use ring_attn, zigzag_ring_attn or stripe_attn")
         docs = _ShardDocs(doc_ids, layout, group_size(group), q.shape[2], q.shape[0])
     return RingAttention.apply(q, k, v, plan, causal, softmax_scale(q, scale), group, backend, docs)
 

@@ -27,5 +27,5 @@ def stripe_plan(rank: int, src: int, world_size: int, local_len: int, causal: bo
 
 stripe_attn = register_ring_method(
     "stripe_attn", stripe_plan, STRIPE, "ring over a token stripe (i mod P); balanced causal work",
-    "as ring_attn: K/V P-1 times, 2·S·H_kv·D/P per send", documents=False,
+    "as ring_attn: K/V P-1 times, 2·S·H_kv·D/P per send",
 )
