@@ -209,3 +209,31 @@ def test_plan_without_document_support_refuses_doc_ids():
     with pytest.raises(NotImplementedError, match="does not support packed documents"):
         ring_schedule(q, k, v, plan=contiguous_plan, layout=CONTIGUOUS, documents=False,
                       doc_ids=torch.zeros(8, dtype=torch.long))
+
+
+def count_work(rank: int, world_size: int, method_name: str, lengths: List[int]):
+    from easy_context.kernels import count_block_work, document_ids
+    from easy_context.methods import get_method
+
+    method = get_method(method_name)
+    q = torch.randn(1, 1, sum(lengths), 8, generator=torch.Generator().manual_seed(0))
+    local = method.layout.shard(q, rank, world_size, dim=2)
+    with count_block_work() as work:
+        method.attention(local, local, local, causal=True, doc_ids=document_ids(positions_of(lengths)))
+    return work.pairs
+
+
+def positions_of(lengths: List[int]) -> torch.Tensor:
+    return torch.cat([torch.arange(n) for n in lengths])
+
+
+@pytest.mark.parametrize("method", ["ring_attn", "zigzag_ring_attn", "stripe_attn"])
+def test_work_is_the_documents_own(method):
+    """16 documents of 16 tokens on 2 ranks: the attention work is that of the documents alone (about the sum of n²/2
+    pairs, 1/16 of one 256-token document), split evenly. (count_block_work counts a causal square of n as n²/2, so
+    stripe's many small causal pieces count a little under n²/2.)"""
+    lengths = [16] * 16
+    pairs = run_distributed(count_work, 2, method, lengths)
+    ideal = sum(n * n / 2 for n in lengths)
+    assert 0.9 * ideal <= sum(pairs) <= ideal, (pairs, ideal)
+    assert max(pairs) <= 1.1 * sum(pairs) / 2, pairs
