@@ -232,8 +232,8 @@ def _document_forward(q, k, v, causal, scale, backend, q_docs, k_docs):
     for q0, q1, k0, k1, sub_causal in subs:
         for counter in _WORK_COUNTERS:
             counter.add(q1 - q0, k1 - k0, sub_causal)
-        o, l = forward(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], sub_causal, scale)
-        merge(out[:, :, q0:q1], lse[:, :, q0:q1], o, l)
+        sub_out, sub_lse = forward(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], sub_causal, scale)
+        merge(out[:, :, q0:q1], lse[:, :, q0:q1], sub_out, sub_lse)
     return out.to(q.dtype), lse
 
 
