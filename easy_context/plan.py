@@ -55,6 +55,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Optional
 
+from .cli import Parser, float_range, int_range
+from .loss import resolve_loss_chunk_size
+
 __all__ = ["ModelShape", "PRESETS", "load_shape", "Plan", "breakdown", "max_seq_length", "main"]
 
 GB = 10 ** 9
@@ -233,8 +236,6 @@ def _attention_per_token(plan: Plan) -> float:
 
 
 def loss_chunk(plan: Plan, local_tokens: int) -> int:
-    from .loss import resolve_loss_chunk_size
-
     if plan.loss_chunk_size == "full":
         return local_tokens
     m = plan.shape
@@ -318,8 +319,6 @@ def _human(n: float) -> str:
 
 
 def main(argv=None) -> int:
-    from .cli import Parser, float_range, int_range
-
     parser = Parser(prog="python -m easy_context.plan",
                     description="Per-GPU memory of a long-context training step and the longest sequence that fits.")
     parser.add_argument("--model", default=None,
