@@ -258,6 +258,15 @@ def _document_backward(dout, q, k, v, out, lse, causal, scale, backend, q_docs, 
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _checked_scale(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: Optional[float],
+                   q_docs: Optional[torch.Tensor], k_docs: Optional[torch.Tensor]) -> float:
+    """Validate a block's arguments; returns its softmax scale."""
+    _check(q, k, v, causal)
+    if (q_docs is None) != (k_docs is None):
+        raise ValueError("give document ids for both the query rows and the key rows, or for neither")
+    return softmax_scale(q, scale)
+
+
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                     scale: Optional[float] = None, backend: Optional[str] = None,
                     q_docs: Optional[torch.Tensor] = None,
@@ -267,10 +276,7 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     With ``q_docs`` and ``k_docs`` (document ids of the query and key rows) a query attends only to keys of its own
     document, computed one shared document at a time (see the module notes).
     """
-    _check(q, k, v, causal)
-    scale = softmax_scale(q, scale)
-    if (q_docs is None) != (k_docs is None):
-        raise ValueError("give document ids for both the query rows and the key rows, or for neither")
+    scale = _checked_scale(q, k, v, causal, scale, q_docs, k_docs)
     with torch.no_grad():
         if q_docs is not None:
             return _document_forward(q, k, v, causal, scale, backend, q_docs, k_docs)
@@ -291,10 +297,7 @@ def block_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     This is what makes every schedule's backward a sum of independent block backwards. ``q_docs`` / ``k_docs`` as
     in :func:`block_attention`; rows outside every shared document get zero gradients.
     """
-    _check(q, k, v, causal)
-    scale = softmax_scale(q, scale)
-    if (q_docs is None) != (k_docs is None):
-        raise ValueError("give document ids for both the query rows and the key rows, or for neither")
+    scale = _checked_scale(q, k, v, causal, scale, q_docs, k_docs)
     with torch.no_grad():
         if q_docs is not None:
             return _document_backward(dout, q, k, v, out.to(q.dtype), lse.float(), causal, scale, backend,
