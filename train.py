@@ -4,7 +4,7 @@
         --model meta-llama/Llama-2-7b-hf --seq-length 32768 --rope-theta 1e6 --parallel-mode zigzag_ring_attn
 
 On CPU (2 gloo processes): ``ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 train.py ...``
-or ``accelerate launch --config_file accelerate_configs/cpu_2proc.yaml train.py ...``. See the README, section "Training".
+or ``accelerate launch --config_file accelerate_configs/cpu_2proc.yaml train.py ...``. See docs/training.md.
 
 Reads top to bottom: options, processes, data, model, optimizer, resume, the loop, the final save. The machinery
 lives in easy_context/training/.

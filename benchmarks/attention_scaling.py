@@ -128,7 +128,8 @@ def main():
                 rows.append((name, world, seq_len, single, slowest, single / slowest,
                              max(works) / (sum(works) / world)))
     if rank == 0:
-        header = "| method | ranks | seq len | 1 process fwd+bwd (s) | parallel fwd+bwd (s) | speed-up | work max/mean |"
+        header = ("| method | ranks | seq len | 1 process fwd+bwd (s) | parallel fwd+bwd (s) | speed-up "
+                  "| work max/mean |")
         lines = [header, "|" + "---|" * 7]
         for name, world_, seq_len, single, parallel, speedup, balance in rows:
             lines.append(f"| {name} | {world_} | {seq_len} | {single:.3f} | {parallel:.3f} | {speedup:.2f}x | "

@@ -13,10 +13,11 @@ Usage::
     enable_remat_aware_checkpointing(model)          # turns on HF gradient checkpointing if it is off
 
 How it works. Transformers' decoder layers (``GradientCheckpointingLayer``) call
-``self._gradient_checkpointing_func(layer_forward, *args)``. :func:`enable_remat_aware_checkpointing` wraps that function
-of every layer, whatever it is (non-reentrant or reentrant ``torch.utils.checkpoint``, with or without CPU offload), so
-each checkpointed call gets a fresh *frame*: the first run of the layer *records*, the recomputation *replays*. The
-model's attention implementation in ``AttentionInterface`` is wrapped once; outside a frame it is untouched.
+``self._gradient_checkpointing_func(layer_forward, *args)``. :func:`enable_remat_aware_checkpointing` wraps that
+function of every layer, whatever it is (non-reentrant or reentrant ``torch.utils.checkpoint``, with or without CPU
+offload), so each checkpointed call gets a fresh *frame*: the first run of the layer *records*, the recomputation
+*replays*. The model's attention implementation in ``AttentionInterface`` is wrapped once; outside a frame it is
+untouched.
 
 * Record (first forward). The attention function runs once, on graph-detached ``q, k, v`` that a small tap Function
   (:class:`_Tap`) turns back into differentiable inputs: its autograd graph is private to the frame. Its saved tensors

@@ -85,9 +85,9 @@ def prepare_seq_parallel_inputs(
         _check_rank(rank, world_size)
         if positions_restart(position_ids):
             raise ValueError(
-                f"position_ids do not count up by one inside the sequence (packed documents restart them): {method.name} computes one causal "
-                "span per row, so packed documents would attend to each other. Pack without resetting positions "
-                "(position_ids=None), or put one document per row"
+                f"position_ids do not count up by one inside the sequence (packed documents restart them): "
+                f"{method.name} computes one causal span per row, so packed documents would attend to each other. "
+                "Pack without resetting positions (position_ids=None), or put one document per row"
             )
         multiple = layout.multiple(world_size)
         if pad_to_multiple_of is not None and pad_to_multiple_of % multiple:

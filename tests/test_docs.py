@@ -129,7 +129,8 @@ def mentioned_paths(path):
 
 def test_readme_is_a_front_page():
     lines = len(README.read_text(encoding="utf-8").splitlines())
-    assert lines <= MAX_README_LINES, f"README.md has {lines} lines; move detail into docs/ (at most {MAX_README_LINES})"
+    assert lines <= MAX_README_LINES, \
+        f"README.md has {lines} lines; move detail into docs/ (at most {MAX_README_LINES})"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -172,6 +173,7 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
     page.write_text("[a](other.md#training-trainpy) [b](other.md#ulysses-usp-and-data--sequence-parallelism) "
                     "[c](other.md#tests-1) ![img](missing.png) [d](other.md#nope) [e](gone.md)\n"
                     "`[not a link](nowhere.md)` and `tests/test_docs.py`, `tests/no_such_test.py::t`, `<dir>/x.json`\n")
+    other = os.path.relpath(tmp_path / "other.md", ROOT)
     assert sorted(broken_links(page)) == ["gone.md (no such file)", "missing.png (no such file)",
-                                          f"other.md#nope (no heading #nope in {os.path.relpath(tmp_path / 'other.md', ROOT)})"]
+                                          f"other.md#nope (no heading #nope in {other})"]
     assert list(mentioned_paths(page)) == ["tests/test_docs.py", "tests/no_such_test.py"]

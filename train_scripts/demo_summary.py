@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     ax_loss.legend()
     ax_loss.set(xlabel="step", ylabel="training loss", title="Training (2 processes, zigzag ring)")
     x = range(len(lengths))
-    for shift, values, label in ((-0.2, before, "before (RoPE base 1e5)"), (0.2, after, "after (raised base, fine-tuned)")):
+    bars_of = ((-0.2, before, "before (RoPE base 1e5)"), (0.2, after, "after (raised base, fine-tuned)"))
+    for shift, values, label in bars_of:
         bars = ax_ppl.bar([i + shift for i in x], values, width=0.4, label=label)
         ax_ppl.bar_label(bars, fmt="%.1f")
     ax_ppl.set_xticks(list(x), [f"{n // 1024}K" + (" (past 8K)" if n > 8192 else "") for n in lengths])

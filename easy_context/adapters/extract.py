@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from . import longcontext as lc
-from ._safetensors import Checkpoint, CheckpointError, ShardWriter
+from ._safetensors import Checkpoint, ShardWriter
 from .plan import AdapterError, ModuleSpec, check_same_architecture, meta_model, module_specs, tied_map
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -422,7 +421,7 @@ def extract_lora(base, tuned, out, rank: int, *, energy: Optional[float] = None,
                 spill.add(name, value)
         del biases
         if not lora_ranks and not to_save:
-            raise AdapterError(f"the tuned model equals the base in every selected module: nothing to extract")
+            raise AdapterError("the tuned model equals the base in every selected module: nothing to extract")
 
         sidecar = lc.make_sidecar(base, tuned, base_raw, tuned_raw, lc.summary(base_cfg), lc.summary(tuned_cfg),
                                   base_ties, tuned_ties)

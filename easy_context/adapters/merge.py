@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import longcontext as lc
-from ._safetensors import INDEX_FILE, SINGLE_FILE, Checkpoint, ShardWriter
+from ._safetensors import INDEX_FILE, Checkpoint, ShardWriter
 from .extract import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, _stderr
 from .plan import AdapterError, AdapterWarning, check_same_architecture, meta_model, module_specs, tied_map
 

@@ -92,7 +92,8 @@ class DCAConfig:
                local_window: Optional[int] = None) -> "DCAConfig":
         """Fill in the defaults ``s = 3L/4`` and ``w = L/8`` (see the module docstring) and validate."""
         if pretraining_length is None or int(pretraining_length) < 2:
-            raise ValueError(f"dca needs pretraining_length >= 2 (the model's trained context), got {pretraining_length}")
+            raise ValueError(
+                f"dca needs pretraining_length >= 2 (the model's trained context), got {pretraining_length}")
         length = int(pretraining_length)
         s = length * 3 // 4 if chunk_size is None else int(chunk_size)
         w = length // 8 if local_window is None else int(local_window)
@@ -322,8 +323,8 @@ def _find_rotary(model) -> torch.nn.Module:
     found = [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
     if len(found) != 1:
         raise ValueError(
-            f"dca needs exactly one rotary embedding module (with an inv_freq buffer) in the model, found {len(found)}: "
-            "it supports RoPE decoder models with one rotary embedding, such as Llama, Mistral and Qwen2"
+            f"dca needs exactly one rotary embedding module (with an inv_freq buffer) in the model, found "
+            f"{len(found)}: it supports RoPE decoder models with one rotary embedding, such as Llama, Mistral and Qwen2"
         )
     return found[0]
 
