@@ -23,7 +23,7 @@ import torch
 import transformers
 from torch import nn
 
-from reference import rel_err
+from reference import BF16_TOL, DIFFERS, MODEL_TOL, rel_err
 from tiny_models import tiny_model
 
 peft = pytest.importorskip("peft")
@@ -173,8 +173,8 @@ def test_round_trip(tmp_path, family):
     assert report["ranks"] == {4: len(known)}
     for module, delta in known.items():
         err = rel_err(factors(adapter, module), delta)
-        assert err <= 1e-4, f"{module}: relative error {err:.2e}"
-    assert report["largest_residual"]["rel_residual"] <= 1e-4
+        assert err <= MODEL_TOL, f"{module}: relative error {err:.2e}"
+    assert report["largest_residual"]["rel_residual"] <= MODEL_TOL
     assert report["retained_energy_overall"] > 1 - 1e-8
     sidecar = json.loads((adapter / "long_context.json").read_text())
     assert sidecar["tuned"]["summary"]["rope_theta"] == TUNED_THETA
@@ -202,13 +202,13 @@ def test_round_trip(tmp_path, family):
     assert info["config"]["rope_theta"] == TUNED_THETA
     ref = logits(tuned)
     err = rel_err(logits(merged), ref)
-    assert err <= 1e-4, f"merged vs tuned logits: relative error {err:.2e}"
+    assert err <= MODEL_TOL, f"merged vs tuned logits: relative error {err:.2e}"
     # ... which needs the carried RoPE base: the merged weights with the base's RoPE are another model.
     plain = load(merged_dir)
     set_rope_theta(plain.config, BASE_THETA)
     plain = AutoModelForCausalLM.from_config(plain.config, dtype=torch.float32).eval()
     plain.load_state_dict(merged.state_dict())
-    assert rel_err(logits(plain), ref) > 1e-3  # 30x the tolerance; the merge itself is at ~1e-7
+    assert rel_err(logits(plain), ref) > DIFFERS  # 10x the tolerance; the merge itself is at ~1e-7
     # Tokenizer-less tiny models still get their generation config copied.
     assert (merged_dir / "generation_config.json").is_file()
 
@@ -235,7 +235,7 @@ def test_tied_embeddings_lora(tmp_path):
     report = quiet_extract(base_dir, tuned_dir, adapter, 4)
     actions = {m["module"]: m["action"] for m in report["modules"]}
     assert actions["lm_head"] == "tied" and actions["model.embed_tokens"] == "lora"
-    assert rel_err(factors(adapter, "model.embed_tokens"), known["model.embed_tokens"]) <= 1e-4
+    assert rel_err(factors(adapter, "model.embed_tokens"), known["model.embed_tokens"]) <= MODEL_TOL
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["ensure_weight_tying"] is True
 
@@ -246,12 +246,12 @@ def test_tied_embeddings_lora(tmp_path):
     same_rope = AutoModelForCausalLM.from_config(same_rope.config, dtype=torch.float32).eval()
     same_rope.load_state_dict(tuned.state_dict())
     pm = peft_model(base_dir, adapter)
-    assert rel_err(logits(pm, 48), logits(same_rope, 48)) <= 1e-4
+    assert rel_err(logits(pm, 48), logits(same_rope, 48)) <= MODEL_TOL
 
     quiet_apply(base_dir, adapter, tmp_path / "merged")
     merged = load(tmp_path / "merged")
     assert merged.config.tie_word_embeddings and merged.lm_head.weight is merged.model.embed_tokens.weight
-    assert rel_err(logits(merged), logits(tuned)) <= 1e-4
+    assert rel_err(logits(merged), logits(tuned)) <= MODEL_TOL
 
 
 def test_tuned_model_that_unties_the_embeddings(tmp_path):
@@ -272,7 +272,7 @@ def test_tuned_model_that_unties_the_embeddings(tmp_path):
     assert info["untied"] == ["lm_head.weight"]
     merged = load(tmp_path / "merged")
     assert not merged.config.tie_word_embeddings
-    assert rel_err(logits(merged, 48), logits(load(tmp_path / "tuned"), 48)) <= 1e-4
+    assert rel_err(logits(merged, 48), logits(load(tmp_path / "tuned"), 48)) <= MODEL_TOL
 
 
 def test_merges_adapters_made_by_peft(tmp_path):
@@ -313,9 +313,9 @@ def test_embeddings_whole_norms_and_biases(tmp_path):
     assert set(report["saved_whole"]) == saved
     tuned = load(tuned_dir)
     ref = logits(tuned)
-    assert rel_err(logits(peft_model(base_dir, adapter)), ref) <= 1e-4
+    assert rel_err(logits(peft_model(base_dir, adapter)), ref) <= MODEL_TOL
     quiet_apply(base_dir, adapter, tmp_path / "merged")
-    assert rel_err(logits(load(tmp_path / "merged")), ref) <= 1e-4
+    assert rel_err(logits(load(tmp_path / "merged")), ref) <= MODEL_TOL
 
 
 def test_energy_sets_per_module_ranks(tmp_path):
@@ -360,7 +360,7 @@ def test_sharded_bfloat16_checkpoints(tmp_path):
     quiet_extract(tmp_path / "base", tmp_path / "tuned", adapter, 4)
     for module in ("model.layers.0.self_attn.q_proj", "lm_head"):
         # bf16 rounding of both weights is the only error left.
-        assert rel_err(factors(adapter, module), known[module]) < 2e-2
+        assert rel_err(factors(adapter, module), known[module]) <= BF16_TOL
     quiet_apply(tmp_path / "base", adapter, tmp_path / "merged")
     index = json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == json.loads((tmp_path / "base" / "model.safetensors.index.json").read_text())[
@@ -369,7 +369,7 @@ def test_sharded_bfloat16_checkpoints(tmp_path):
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype="auto")  # the dtype in the files
     assert next(saved.parameters()).dtype == torch.bfloat16
     assert get_rope_theta(merged.config) == TUNED_THETA
-    assert rel_err(logits(merged), logits(tuned)) < 2e-2
+    assert rel_err(logits(merged), logits(tuned)) <= BF16_TOL
 
 
 # ---------------------------------------------------------------------------------------------------- RoPE config
@@ -613,12 +613,12 @@ def test_smollm2_round_trip_and_memory(tmp_path):
     print(f"SmolLM2 extraction peak RSS above start: {extra / 2**20:.1f} MiB; largest tensor {largest / 2**20:.1f} MiB")
     assert extra <= 2 * largest + 32 * 2**20
     report = json.loads((tmp_path / "adapter" / "extraction_report.json").read_text())
-    assert report["largest_residual"]["rel_residual"] <= 1e-4
+    assert report["largest_residual"]["rel_residual"] <= MODEL_TOL
     for name in ("model.embed_tokens", "model.layers.29.mlp.down_proj"):
-        assert rel_err(factors(tmp_path / "adapter", name), known[name]) <= 1e-4
+        assert rel_err(factors(tmp_path / "adapter", name), known[name]) <= MODEL_TOL
     quiet_apply(base_dir, tmp_path / "adapter", tmp_path / "merged")
     merged = load(tmp_path / "merged")
     assert get_rope_theta(merged.config) == 925_387.0
     del tuned
     ref = logits(load(tmp_path / "tuned"), length=256)
-    assert rel_err(logits(merged, length=256), ref) <= 1e-4
+    assert rel_err(logits(merged, length=256), ref) <= MODEL_TOL

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from distributed import free_port
+from reference import FP32_TOL as TOL
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-TOL = 1e-5
 
 pytestmark = [pytest.mark.real_model,
               pytest.mark.skipif(not (ROOT / "assets" / "smollm2-135m" / "model.safetensors").exists(),

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from distributed import free_port
+from reference import FP32_TOL as TOL
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
-TOL = 1e-5
 STEPS = 3
 # 4 steps of tiny-model training: 2 micro-batches of one 128-token sequence each per step, a raised RoPE base.
 COMMON = ["--model", "tiny", "--seq-length", "128", "--steps", str(STEPS), "--grad-accum", "2",
