@@ -50,9 +50,7 @@ largest over ranks, ``fixed_bytes``, and the breakdown); ``--output-dir`` gets `
 from __future__ import annotations
 
 import datetime
-import io
 import json
-import math
 import os
 import queue as queue_module
 import sys
@@ -278,7 +276,8 @@ def measure_rank(rank: int, world: int, seq_len: int, opts: dict) -> dict:
     rise = found["rise"]
     return {"rank": rank, "local_tokens": local_tokens, "params": n_params, "loss_chunk_size": chunk,
             "base_rss": base, "rss_peak_bytes": _status("VmHWM") - base, "fixed_bytes": fixed,
-            "peak_bytes": fixed + found["peak"], "checkpointed_bytes": found["marks"]["after_forward"], "forward_rise": rise.get("forward", 0),
+            "peak_bytes": fixed + found["peak"], "checkpointed_bytes": found["marks"]["after_forward"],
+            "forward_rise": rise.get("forward", 0),
             "loss_bytes": rise.get("loss", 0), "recompute_bytes": rise.get("backward", 0),
             "attention_bytes": rise.get("attention", 0), "seconds": seconds}
 
@@ -457,10 +456,12 @@ def main() -> None:
     t0 = time.perf_counter()
     for method, world, seq_len in [(m, w, s) for m in args.methods for w in args.ranks for s in lengths]:
         opts = {"method": method, "checkpointing": args.checkpointing, "real_compute": args.real_compute,
-                "loss_chunk_size": args.loss_chunk_size if args.loss_chunk_size == "auto" else int(args.loss_chunk_size)}
+                "loss_chunk_size": (args.loss_chunk_size if args.loss_chunk_size == "auto"
+                                    else int(args.loss_chunk_size))}
         row = summarise(world, seq_len, run_measurement(world, seq_len, opts), opts)
         rows.append(row)
-        print(f"{method} P={world} S={seq_len}: peak {row['peak_bytes'] / GIB:.2f} GiB, fixed {row['fixed_bytes'] / GIB:.2f}"
+        print(f"{method} P={world} S={seq_len}: peak {row['peak_bytes'] / GIB:.2f} GiB, "
+              f"fixed {row['fixed_bytes'] / GIB:.2f}"
               f", checkpointed {row['checkpointed_bytes'] / GIB:.2f}, recompute {row['recompute_bytes'] / GIB:.2f}"
               f", attention {row['attention_bytes'] / GIB:.3f}, loss {row['loss_bytes'] / GIB:.2f} "
               f"({row['seconds']:.0f} s; {time.perf_counter() - t0:.0f} s so far)", flush=True)

@@ -35,11 +35,11 @@ recomputed in backward, never both, so
   sequence for ``H/U`` heads (``2·(2·H·D + 2·max(H_kv, U)·D)·b``); data_parallel holds the kernel's output and LSE.
   The constants ``C_E``, ``C_F`` and the attention terms are the ones ``benchmarks/memory_scaling.py`` measures on
   SmolLM2-135M (the stored rows are in ``benchmarks/results/memory_scaling.json``).
-* **loss**: with ``c`` the chunk (``--loss-chunk-size`` tokens; ``auto``: :func:`easy_context.loss.auto_loss_chunk_size`;
-  ``full``: every local token at once, as a plain ``model(...).logits`` loss) and ``R = c·V·4`` one float32 row
-  per chunk token, ``max(3·R + V·E·b, R + 2·V·E·b) + c·V·b (16-bit dtypes only) + 2·s·E·b``: the recomputed
-  logits' log-softmax, the loss gradient and the logits' gradient; the head's weight gradient and the buffer it is
-  accumulated into; the head's 16-bit output; the hidden states' gradient.
+* **loss**: with ``c`` the chunk (``--loss-chunk-size`` tokens; ``auto``:
+  :func:`easy_context.loss.auto_loss_chunk_size`; ``full``: every local token at once, as a plain ``model(...).logits``
+  loss) and ``R = c·V·4`` one float32 row per chunk token, ``max(3·R + V·E·b, R + 2·V·E·b) + c·V·b (16-bit dtypes only)
+  + 2·s·E·b``: the recomputed logits' log-softmax, the loss gradient and the logits' gradient; the head's weight
+  gradient and the buffer it is accumulated into; the head's 16-bit output; the hidden states' gradient.
 * **reserve** (GPU only): the CUDA context, NCCL's buffers and the caching allocator's fragmentation, taken as
   ``GPU_RESERVE_FIXED`` bytes plus ``GPU_RESERVE_FRACTION`` of the GPU.
 
@@ -376,7 +376,8 @@ def main(argv=None) -> int:
         return 0
     print(f"{args.model}: {plan.shape.num_parameters / 1e9:.2f}B parameters; {plan.gpus} GPUs of "
           f"{plan.gpu_memory_gb:g} GB, {plan.method}, sp size {plan.sp_size}, ZeRO-{plan.zero}"
-          f"{', optimizer offload' if plan.offload_optimizer else ''}{', parameter offload' if plan.offload_params else ''}"
+          f"{', optimizer offload' if plan.offload_optimizer else ''}"
+          f"{', parameter offload' if plan.offload_params else ''}"
           f", checkpointing {plan.checkpointing}, {plan.dtype}{' (CPU)' if plan.cpu else ''}")
     print(f"per GPU at {at:,} tokens per sequence ({at * plan.batch_size // plan.sp_size:,} tokens per GPU):")
     for key in ("weights", "gradients", "optimizer", "checkpointed", "layer_recompute", "attention_buffers", "loss",
