@@ -152,6 +152,12 @@ def test_named_files_exist(page):
     assert not missing, f"{page.relative_to(ROOT)} names files that do not exist: {missing}"
 
 
+def test_every_test_file_is_described_in_testing_md():
+    described = (ROOT / "docs" / "testing.md").read_text(encoding="utf-8")
+    missing = [p.name for p in sorted((ROOT / "tests").glob("test_*.py")) if f"`{p.name}`" not in described]
+    assert not missing, f"docs/testing.md does not say what these assert: {missing}"
+
+
 def test_python_dash_m_modules_exist():
     modules = sorted({m for page in PAGES for m in RUN_MODULE.findall(page.read_text(encoding="utf-8"))})
     assert modules, "expected the docs to name at least one `python -m easy_context...` command"
