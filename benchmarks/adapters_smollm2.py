@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import append_result, start_run  # noqa: E402
+from common import append_result, proc_status, start_run  # noqa: E402
 from easy_context.adapters import apply_adapter, extract_lora  # noqa: E402
 from easy_context.assets import load_tokenizer, smollm2_path  # noqa: E402
 
@@ -68,14 +68,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def peak_rss_of(fn):
     """``(fn(), peak RSS during fn minus RSS before it)``; the peak is reset through /proc/self/clear_refs."""
     try:
@@ -83,9 +75,9 @@ def peak_rss_of(fn):
             f.write("5")
     except OSError:
         return fn(), float("nan")
-    before = _status("VmRSS")
+    before = proc_status("VmRSS")
     result = fn()
-    return result, _status("VmHWM") - before
+    return result, proc_status("VmHWM") - before
 
 
 def probe(base, tuned, adapter, rank) -> None:

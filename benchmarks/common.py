@@ -37,3 +37,12 @@ def append_result(path: Path, fields: Sequence[str], row: Dict[str, object]) -> 
     """Add one finished measurement, so an interrupted run keeps everything measured so far."""
     with path.open("a", newline="") as f:
         csv.DictWriter(f, fields).writerow(row)
+
+
+def proc_status(field: str) -> int:
+    """A byte count from ``/proc/self/status`` (``VmRSS``: resident now, ``VmHWM``: peak resident); 0 if absent."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0

@@ -63,6 +63,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import proc_status  # noqa: E402
 from easy_context import cli  # noqa: E402
 from easy_context.cli import float_range, int_range  # noqa: E402
 
@@ -74,14 +75,6 @@ FULL_LENGTHS = [8192, 16384, 32768, 65536]
 # ------------------------------------------------------------------------------------------------------------------
 # Allocated bytes per phase, from the allocator's events
 # ------------------------------------------------------------------------------------------------------------------
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
 
 class PhasePeaks:
     """Nested, repeated phases (``enter``/``leave`` by label) timed against the allocator's events.
@@ -212,7 +205,7 @@ def measure_rank(rank: int, world: int, seq_len: int, opts: dict) -> dict:
     from easy_context.training.model import enable_checkpointing
 
     torch.set_num_threads(1)
-    base = _status("VmRSS")
+    base = proc_status("VmRSS")
     config = LlamaConfig.from_json_file(str(CONFIG))
     config.max_position_embeddings = max(config.max_position_embeddings, seq_len)
     config.use_cache = False
@@ -275,7 +268,7 @@ def measure_rank(rank: int, world: int, seq_len: int, opts: dict) -> dict:
     found = tracker.analyse(prof)
     rise = found["rise"]
     return {"rank": rank, "local_tokens": local_tokens, "params": n_params, "loss_chunk_size": chunk,
-            "base_rss": base, "rss_peak_bytes": _status("VmHWM") - base, "fixed_bytes": fixed,
+            "base_rss": base, "rss_peak_bytes": proc_status("VmHWM") - base, "fixed_bytes": fixed,
             "peak_bytes": fixed + found["peak"], "checkpointed_bytes": found["marks"]["after_forward"],
             "forward_rise": rise.get("forward", 0),
             "loss_bytes": rise.get("loss", 0), "recompute_bytes": rise.get("backward", 0),
