@@ -10,7 +10,7 @@
 #
 #   bash scripts/setup.sh && bash train_scripts/cpu_demo.sh
 #
-# About 8 minutes on 2 CPU cores and 6 GB of memory per process. STEPS, SEQ_LENGTH and LENGTHS change the size.
+# About 7 minutes on 2 idle CPU cores and 5.2 GB of memory per process. STEPS, SEQ_LENGTH and LENGTHS change the size.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
