@@ -10,7 +10,10 @@ A :class:`Method` is everything the rest of the package needs to know about one 
   wraps ``attention`` in the standard adapter;
 * ``bind``: for methods with options (``usp_attn``'s ``ulysses_degree``), ``bind(model, group=..., **options)``
   returns the method with its options bound for one model; ``None`` means the method takes no options;
-* ``check``: validates head counts and world size up front, so errors name the fix rather than failing mid-ring.
+* ``check``: validates head counts and world size up front, so errors name the fix rather than failing mid-ring;
+* ``documents``: whether ``attention`` takes ``doc_ids`` (the document id of every token of the full sequence, from
+  :func:`easy_context.kernels.document_ids`) and then lets a query attend only to keys of its own document, so the
+  method trains on packed documents.
 
 Method modules register themselves with :func:`register` when :mod:`easy_context.methods` imports them; nothing else
 switches on names.
@@ -42,6 +45,7 @@ class Method:
     # Name registered with transformers' AttentionInterface; empty means ``name``. transformers takes every
     # implementation whose name contains "flash" for a flash-attention kernel, so such methods need another name.
     implementation: str = ""
+    documents: bool = False
 
     @property
     def attn_implementation(self) -> str:

@@ -171,7 +171,7 @@ def register_ring_method(name: str, plan: Plan, layout: Layout, description: str
     ``documents``: whether the plan supports packed documents (its causal pieces are diagonal blocks)."""
     attention = functools.partial(ring_schedule, plan=plan, layout=layout, documents=documents, name=name)
     register(Method(name=name, description=description, layout=layout, attention=attention,
-                    communication=communication), *aliases)
+                    communication=communication, documents=documents), *aliases)
     return attention
 
 
