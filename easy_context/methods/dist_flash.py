@@ -29,6 +29,16 @@ rank   step 0       step 1       step 2
 
 Non-causal attention runs the plain ring on the same engine: at step ``t`` rank ``r`` attends to ``K/V_{(r-t) mod P}``.
 
+**Packed documents.** ``doc_ids`` holds the document id of every token of the *full* sequence (``(S,)`` or ``(B, S)``,
+from :func:`easy_context.kernels.document_ids`), the same on every rank. Rank ``r``'s rows are contiguous chunk ``r``,
+so a work item's query rows take ``doc_ids`` of chunk ``q_owner`` (its ``rows``) and its key rows those of chunk
+``kv_owner``; the block primitive then computes only the sub-blocks of the documents both hold (a query attends to
+earlier keys of its own document; non-causal: to all of them). The causal pieces are the diagonal blocks and every
+other piece's keys all precede its queries, so the schedule's masks are the same with documents. Since every rank
+knows every chunk's ids, work items whose query and key rows share no document are dropped from the schedule on
+every rank alike: they cost neither a kernel call nor a transfer (with documents shorter than a chunk most of the
+schedule beyond the diagonal goes).
+
 **Engine.** A schedule is a list of steps, each a list of :class:`Work` items, identical on every rank. From it each
 rank derives what it must receive before a step (K/V of another rank; another rank's query rows) and what it must
 return after it (partial ``(out, lse)`` to the query owner). Step ``t`` runs while one batched ``batch_isend_irecv``
@@ -48,9 +58,10 @@ from ..comm import PeerExchange, group_rank, group_size
 from ..kernels import block_attention, block_attention_backward, merge, softmax_scale
 from ..layout import CONTIGUOUS
 from .base import Method, register
+from .ring import full_sequence_doc_ids
 
 __all__ = ["Work", "Transfer", "causal_schedule", "full_schedule", "make_schedule", "dist_flash_attn",
-           "DistFlashAttention"]
+           "DistFlashAttention", "ChunkDocs"]
 
 
 class Work(NamedTuple):
@@ -91,8 +102,36 @@ def full_schedule(world_size: int, local_len: int) -> Schedule:
     return [[Work(r, r, (r - t) % P, (0, n), False) for r in range(P)] for t in range(P)]
 
 
-def make_schedule(world_size: int, local_len: int, causal: bool) -> Schedule:
-    return causal_schedule(world_size, local_len) if causal else full_schedule(world_size, local_len)
+def make_schedule(world_size: int, local_len: int, causal: bool, docs: Optional["ChunkDocs"] = None) -> Schedule:
+    """The schedule for ``causal``; with ``docs``, without the work items whose rows share no document."""
+    steps = causal_schedule(world_size, local_len) if causal else full_schedule(world_size, local_len)
+    if docs is None:
+        return steps
+    return [[w for w in step if docs.shared(w)] for step in steps]
+
+
+class ChunkDocs:
+    """The document ids of every rank's contiguous chunk, sliced per work item."""
+
+    def __init__(self, doc_ids: torch.Tensor, world: int, local_len: int, batch: int):
+        doc_ids = full_sequence_doc_ids(doc_ids, world, local_len, batch, "dist_flash_attn")
+        self.per_rank = [doc_ids[..., r * local_len:(r + 1) * local_len] for r in range(world)]
+
+    def pair(self, w: Work) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(q_docs, k_docs)``: ids of ``w``'s query rows and key rows."""
+        return self.per_rank[w.q_owner][..., w.rows[0]:w.rows[1]], self.per_rank[w.kv_owner]
+
+    def shared(self, w: Work) -> bool:
+        """Whether some query row of ``w`` has a key of its own document in the block (per batch row: ids count
+        from 0 in every row). A causal item is a diagonal block, which always does."""
+        q_docs, k_docs = self.pair(w)
+        if w.causal:
+            return q_docs.shape[-1] > 0
+        q_rows = q_docs.reshape(-1, q_docs.shape[-1])
+        k_rows = k_docs.reshape(-1, k_docs.shape[-1])
+        rows = max(len(q_rows), len(k_rows))
+        return any(bool(torch.isin(q_rows[min(b, len(q_rows) - 1)], k_rows[min(b, len(k_rows) - 1)]).any())
+                   for b in range(rows))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -191,10 +230,11 @@ class DistFlashAttention(torch.autograd.Function):
     """The schedule over ``group``. Inputs and outputs are this rank's contiguous ``(B, H, S_local, D)`` shards."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, scale: float, group, backend):
+    def forward(ctx, q, k, v, causal: bool, scale: float, group, backend, docs: Optional[ChunkDocs] = None):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         rank, world = group_rank(group), group_size(group)
-        steps = make_schedule(world, q.shape[2], causal)
+        steps = make_schedule(world, q.shape[2], causal, docs)
+        pair = docs.pair if docs is not None else lambda w: (None, None)
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
         outbox: Dict[Transfer, List[torch.Tensor]] = {}
@@ -216,7 +256,7 @@ class DistFlashAttention(torch.autograd.Function):
         def compute(w, received):
             q_w = _rows(q, w.rows) if w.q_owner == rank else received[Transfer("q", w.q_owner, rank, w.rows)][0]
             k_w, v_w = (k, v) if w.kv_owner == rank else received[Transfer("kv", w.kv_owner, rank, (0, 0))]
-            block_out, block_lse = block_attention(q_w, k_w, v_w, w.causal, scale, backend)
+            block_out, block_lse = block_attention(q_w, k_w, v_w, w.causal, scale, backend, *pair(w))
             if w.q_owner == rank:
                 merge(_rows(out, w.rows), _rows(lse, w.rows), block_out, block_lse)
             else:
@@ -228,17 +268,18 @@ class DistFlashAttention(torch.autograd.Function):
         _execute(steps, rank, group, backward=False, payload=payload, like=like, compute=compute, deliver=deliver)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (causal, scale, group, backend)
+        ctx.args = (causal, scale, group, backend, docs)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        causal, scale, group, backend = ctx.args
+        causal, scale, group, backend, docs = ctx.args
         dout = dout.contiguous()
         rank, world = group_rank(group), group_size(group)
-        steps = make_schedule(world, q.shape[2], causal)
+        steps = make_schedule(world, q.shape[2], causal, docs)
+        pair = docs.pair if docs is not None else lambda w: (None, None)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros_like(dk)
@@ -273,7 +314,8 @@ class DistFlashAttention(torch.autograd.Function):
             else:
                 q_w, do_w, o_w, l_w = received[Transfer("q", w.q_owner, rank, w.rows)]
             k_w, v_w = (k, v) if w.kv_owner == rank else received[Transfer("kv", w.kv_owner, rank, (0, 0))]
-            dq_w, dk_w, dv_w = block_attention_backward(do_w, q_w, k_w, v_w, o_w, l_w, w.causal, scale, backend)
+            dq_w, dk_w, dv_w = block_attention_backward(do_w, q_w, k_w, v_w, o_w, l_w, w.causal, scale, backend,
+                                                        *pair(w))
             if w.q_owner == rank:
                 _rows(dq, w.rows).add_(dq_w)
             else:
@@ -292,16 +334,20 @@ class DistFlashAttention(torch.autograd.Function):
                 dv.add_(tensors[1])
 
         _execute(steps, rank, group, backward=True, payload=payload, like=like, compute=compute, deliver=deliver)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
-def dist_flash_attn(q, k, v, *, causal: bool = True, scale: Optional[float] = None, group=None, backend=None):
+def dist_flash_attn(q, k, v, *, causal: bool = True, scale: Optional[float] = None, group=None, backend=None,
+                    doc_ids: Optional[torch.Tensor] = None):
     """DistFlashAttn over ``group`` on contiguous shards; returns ``(out, lse)`` for this rank's queries.
 
     ``q``: ``(B, H, S_local, D)``; ``k``, ``v``: ``(B, H_kv, S_local, D)``; every rank holds the same ``S_local``
     (the contiguous layout guarantees it). Any world size works; non-causal attention runs a plain ring.
+    ``doc_ids``: document ids of the full sequence, the same on every rank (see the module notes); a query then
+    attends only to keys of its own document.
     """
-    return DistFlashAttention.apply(q, k, v, causal, softmax_scale(q, scale), group, backend)
+    docs = None if doc_ids is None else ChunkDocs(doc_ids, group_size(group), q.shape[2], q.shape[0])
+    return DistFlashAttention.apply(q, k, v, causal, softmax_scale(q, scale), group, backend, docs)
 
 
 register(
@@ -314,6 +360,7 @@ register(
         communication="causal: floor(P/2) steps; a rank receives K/V (2·S·H_kv·D/P) or sends Q (S·H·D/P) and gets "
                       "(out, lse) back per step",
         implementation="lightseq_attn",
+        documents=True,
     ),
     "dist_flash",
 )

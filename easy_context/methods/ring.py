@@ -131,16 +131,26 @@ class _NoDocs:
         return None, None
 
 
+def full_sequence_doc_ids(doc_ids: torch.Tensor, world: int, local_len: int, batch: int,
+                          name: str = "doc_ids") -> torch.Tensor:
+    """``doc_ids`` detached on the CPU, after checking that they are the document ids of the full sequence: ``(S,)``
+    or ``(B, S)`` with ``S = world * local_len``. ``name`` names the method in the error."""
+    seq_len = world * local_len
+    if doc_ids.dim() not in (1, 2) or doc_ids.shape[-1] != seq_len or (
+            doc_ids.dim() == 2 and doc_ids.shape[0] not in (1, batch)):
+        raise ValueError(f"{name}: doc_ids must hold the document ids of the full sequence, (S,) or (B, S) with "
+                         f"S = world_size * local length = {world} * {local_len} = {seq_len} and B = {batch}; "
+                         f"got {tuple(doc_ids.shape)}")
+    return doc_ids.detach().cpu()
+
+
 class _ShardDocs:
     """The document ids of every rank's rows under ``layout``, sliced per plan piece."""
 
-    def __init__(self, doc_ids: torch.Tensor, layout: Layout, world: int, local_len: int, batch: int):
+    def __init__(self, doc_ids: torch.Tensor, layout: Layout, world: int, local_len: int, batch: int,
+                 name: str = "doc_ids"):
         seq_len = world * local_len
-        if doc_ids.shape[-1] != seq_len or doc_ids.dim() not in (1, 2) or (
-                doc_ids.dim() == 2 and doc_ids.shape[0] not in (1, batch)):
-            raise ValueError(f"doc_ids must hold the document ids of the full sequence, (S,) or (B, S) with "
-                             f"S = world_size * local length = {seq_len} and B = {batch}; got {tuple(doc_ids.shape)}")
-        doc_ids = doc_ids.detach().cpu()
+        doc_ids = full_sequence_doc_ids(doc_ids, world, local_len, batch, name)
         self.per_rank = [doc_ids[..., layout.indices(seq_len, r, world)] for r in range(world)]
 
     def pair(self, rank, src, piece):
@@ -158,9 +168,10 @@ def ring_schedule(q, k, v, *, plan: Plan, causal: bool = True, scale=None, group
     docs = None
     if doc_ids is not None:
         if not documents:
-            raise NotImplementedError(f"{name} does not support packed documents (doc_ids) yet; "
-                                      "use ring_attn, zigzag_ring_attn or stripe_attn")
-        docs = _ShardDocs(doc_ids, layout, group_size(group), q.shape[2], q.shape[0])
+            raise NotImplementedError(f"{name} does not support packed documents (doc_ids) yet; use a method "
+                                      "registered with documents=True (ring, zigzag, stripe, dist_flash, ulysses, "
+                                      "usp)")
+        docs = _ShardDocs(doc_ids, layout, group_size(group), q.shape[2], q.shape[0], name)
     return RingAttention.apply(q, k, v, plan, causal, softmax_scale(q, scale), group, backend, docs)
 
 

@@ -20,6 +20,12 @@ GQA: each rank needs the KV heads of its H/P query heads.
 * otherwise there is no way to give each rank whole KV groups, and :func:`check_heads` names the valid sizes.
 
 The query heads must divide by P.
+
+Packed documents: ``doc_ids`` holds the document id of every token of the *full* sequence (``(S,)`` or ``(B, S)``,
+from :func:`easy_context.kernels.document_ids`), the same on every rank. After the all-to-all every rank holds the
+whole sequence in order (the members' contiguous shards in rank order), so ``doc_ids`` themselves are the ids of its
+query rows and key rows: the local attention computes one causal square per document (non-causal: one full square),
+on H/P heads. The work is the documents' own on every rank, balanced by heads whatever the documents.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from ..comm import group_size
 from ..kernels import block_attention, block_attention_backward, softmax_scale
 from ..layout import CONTIGUOUS
 from .base import Method, register
+from .ring import full_sequence_doc_ids
 
 __all__ = ["all_to_all", "ulysses_attn", "local_attention", "check_heads", "kv_replication", "valid_ulysses_sizes"]
 
@@ -82,24 +89,26 @@ def all_to_all(x: torch.Tensor, group=None, scatter_dim: int = HEADS, gather_dim
 # ----------------------------------------------------------------------------------------------------------------------
 class _LocalAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, backend):
-        out, lse = block_attention(q, k, v, causal, scale, backend)
+    def forward(ctx, q, k, v, causal, scale, backend, docs):
+        out, lse = block_attention(q, k, v, causal, scale, backend, docs, docs)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (causal, scale, backend)
+        ctx.args = (causal, scale, backend, docs)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        causal, scale, backend = ctx.args
-        dq, dk, dv = block_attention_backward(dout.contiguous(), q, k, v, out, lse, causal, scale, backend)
-        return dq, dk, dv, None, None, None
+        causal, scale, backend, docs = ctx.args
+        dq, dk, dv = block_attention_backward(dout.contiguous(), q, k, v, out, lse, causal, scale, backend, docs, docs)
+        return dq, dk, dv, None, None, None, None
 
 
-def local_attention(q, k, v, *, causal: bool = True, scale=None, backend=None):
-    """Single-block attention with autograd: ``(out, lse)`` for ``(B, H, S, D)`` tensors on one process."""
-    return _LocalAttention.apply(q, k, v, causal, softmax_scale(q, scale), backend)
+def local_attention(q, k, v, *, causal: bool = True, scale=None, backend=None, doc_ids=None):
+    """Single-block attention with autograd: ``(out, lse)`` for ``(B, H, S, D)`` tensors on one process.
+
+    ``doc_ids``: the document id of every row (``(S,)`` or ``(B, S)``), or ``None`` for one document."""
+    return _LocalAttention.apply(q, k, v, causal, softmax_scale(q, scale), backend, doc_ids)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -160,10 +169,15 @@ def sequence_to_heads(out, lse, group):
     return out, lse
 
 
-def ulysses_attn(q, k, v, *, causal: bool = True, scale=None, group=None, backend=None):
-    """Ulysses attention of this rank's contiguous ``(B, H, S/P, D)`` shards; returns ``(out, lse)`` shards."""
+def ulysses_attn(q, k, v, *, causal: bool = True, scale=None, group=None, backend=None, doc_ids=None):
+    """Ulysses attention of this rank's contiguous ``(B, H, S/P, D)`` shards; returns ``(out, lse)`` shards.
+
+    ``doc_ids``: document ids of the full sequence (see the module notes); a query then attends only to keys of its
+    own document."""
+    if doc_ids is not None:
+        doc_ids = full_sequence_doc_ids(doc_ids, group_size(group), q.shape[SEQ], q.shape[0], "ulysses_attn")
     qh, kh, vh = heads_to_sequence(q, k, v, group)
-    out, lse = local_attention(qh, kh, vh, causal=causal, scale=scale, backend=backend)
+    out, lse = local_attention(qh, kh, vh, causal=causal, scale=scale, backend=backend, doc_ids=doc_ids)
     return sequence_to_heads(out, lse, group)
 
 
@@ -178,6 +192,7 @@ ULYSSES = register(
         layout=CONTIGUOUS,
         attention=ulysses_attn,
         check=_check,
+        documents=True,
         communication="4 all-to-alls (q, k, v, out) of a local S·H·D/P tensor each (K/V: S·max(H_kv,P)·D/P); "
                       "backward the same 4 for the gradients",
     ),

@@ -27,6 +27,12 @@ Choosing U (``ulysses_degree``), first that applies:
 
 U must divide P, and the heads must split over U as for Ulysses (query heads divisible by U; KV heads divisible by U
 or dividing U).
+
+Packed documents: ``doc_ids`` holds the document id of every token of the *full* sequence (``(S,)`` or ``(B, S)``,
+from :func:`easy_context.kernels.document_ids`), the same on every rank. After the all-to-all and the permutation,
+Ulysses group g holds exactly the tokens of zigzag ring rank g of R, in that rank's order, so the ring takes
+``doc_ids`` unchanged and slices each ring rank's ids with the zigzag layout over R ranks; with R = 1 the permuted
+tokens are the whole sequence in order and ``doc_ids`` are the ids of its rows.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from ..layout import ZIGZAG
 from ..mesh import get_sequence_parallel_group
 from ..model_config import attention_heads
 from .base import Method, get_method, register
+from .ring import full_sequence_doc_ids
 from .ulysses import check_heads, heads_to_sequence, local_attention, sequence_to_heads, valid_ulysses_sizes
 from .zigzag import zigzag_ring_attn
 
@@ -109,23 +116,30 @@ def _ring_order(degree: int, local_len: int) -> Tuple[torch.Tensor, torch.Tensor
 
 
 def usp_attn(q, k, v, *, causal: bool = True, scale=None, group=None, backend=None,
-             ulysses_degree: Optional[int] = None):
-    """USP attention of this rank's zigzag ``(B, H, S/P, D)`` shards; returns ``(out, lse)`` shards."""
+             ulysses_degree: Optional[int] = None, doc_ids: Optional[torch.Tensor] = None):
+    """USP attention of this rank's zigzag ``(B, H, S/P, D)`` shards; returns ``(out, lse)`` shards.
+
+    ``doc_ids``: document ids of the full sequence (see the module notes); a query then attends only to keys of its
+    own document."""
     world = group_size(group)
     degree = resolve_ulysses_degree(q.shape[1], k.shape[1], world, ulysses_degree)
+    if doc_ids is not None:
+        doc_ids = full_sequence_doc_ids(doc_ids, world, q.shape[SEQ], q.shape[0], "usp_attn")
     if world == 1:
-        return local_attention(q, k, v, causal=causal, scale=scale, backend=backend)
+        return local_attention(q, k, v, causal=causal, scale=scale, backend=backend, doc_ids=doc_ids)
     ulysses_group, ring_group = usp_groups(group, degree)
     if degree == 1:
-        return zigzag_ring_attn(q, k, v, causal=causal, scale=scale, group=ring_group, backend=backend)
+        return zigzag_ring_attn(q, k, v, causal=causal, scale=scale, group=ring_group, backend=backend,
+                                doc_ids=doc_ids)
     if q.shape[SEQ] % 2:
         raise ValueError(f"usp_attn needs an even number of local tokens (zigzag layout), got {q.shape[SEQ]}")
     order, inverse = (t.to(q.device) for t in _ring_order(degree, q.shape[SEQ]))
     qh, kh, vh = (x.index_select(SEQ, order) for x in heads_to_sequence(q, k, v, ulysses_group))
     if ring_group is None:
-        out, lse = local_attention(qh, kh, vh, causal=causal, scale=scale, backend=backend)
+        out, lse = local_attention(qh, kh, vh, causal=causal, scale=scale, backend=backend, doc_ids=doc_ids)
     else:
-        out, lse = zigzag_ring_attn(qh, kh, vh, causal=causal, scale=scale, group=ring_group, backend=backend)
+        out, lse = zigzag_ring_attn(qh, kh, vh, causal=causal, scale=scale, group=ring_group, backend=backend,
+                                    doc_ids=doc_ids)
     return sequence_to_heads(out.index_select(SEQ, inverse), lse.index_select(SEQ, inverse), ulysses_group)
 
 
@@ -161,6 +175,7 @@ USP = register(
         communication="Ulysses part: 4 all-to-alls of a local S·H·D/P tensor within U ranks; ring part: K/V of "
                       "2·S·max(H_kv,U)·D/P per send, R-1 sends (R = P/U)",
         options={"ulysses_degree": None},
+        documents=True,
     ),
     "usp",
 )
