@@ -51,6 +51,8 @@ parser.add_argument("--seed", type=int_range(0), default=0)
 parser.add_argument("--loss-chunk-size", type=T.loss_chunk_size_arg, default=4096, help="tokens per chunk, or auto")
 parser.add_argument("--checkpointing", choices=T.CHECKPOINTING, default="full", help="activation checkpointing: "
                     "whole layers, 'remat' (recompute up to the attention output), or none")
+parser.add_argument("--tiled-mlp", nargs="?", const="auto", type=T.tile_size_arg, metavar="N", help="N-token MLP tiles")
+parser.add_argument("--offload-checkpoints", action="store_true", help="checkpointed layer inputs in host memory")
 parser.add_argument("--output-dir", default="outputs/run", help="checkpoints, log.jsonl and the final model; "
                     "locked while the run lasts")
 parser.add_argument("--save-every", "--checkpointing-steps", type=int_range(0), default=0, help="checkpoint every "
@@ -118,7 +120,7 @@ if args.resume is not None:  # verified and compared with these options before a
 model = T.build_model(args.model, vocab_size=len(tokenizer), seq_length=args.seq_length, rope_theta=args.rope_theta,
                       num_layers=args.num_layers, seed=args.seed)
 ec.apply_seq_parallel_monkey_patch(args.parallel_mode, model)
-T.enable_checkpointing(model, args.checkpointing)
+T.enable_checkpointing(model, args.checkpointing, tiled_mlp=args.tiled_mlp, offload=args.offload_checkpoints)
 wrapped = T.ChunkedLossModel(model, args.loss_chunk_size, zero3=zero3).train()
 
 # ---------------------------------------------------------------------------------------------------- optimizer

@@ -17,7 +17,9 @@ from .mesh import (
     setup_mesh,
 )
 from .methods import available_methods, get_method
+from .offload import enable_checkpoint_offload
 from .patch import apply_seq_parallel_monkey_patch, replace_with_chunkllama
+from .tiling import enable_tiled_mlp
 
 __version__ = "0.1.0"
 
@@ -36,6 +38,8 @@ __all__ = [
     "set_sequence_parallel_group",
     "get_sequence_parallel_group",
     "enable_remat_aware_checkpointing",
+    "enable_tiled_mlp",
+    "enable_checkpoint_offload",
     "replace_with_chunkllama",
     "available_methods",
     "get_method",

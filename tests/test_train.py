@@ -91,6 +91,17 @@ def test_dist_flash_attn_with_remat_checkpointing_matches_single_process(tmp_pat
     _assert_close(_losses(tmp_path), reference)
 
 
+def test_tiled_mlp_and_checkpoint_offload_keep_the_losses(tmp_path, dataset, reference):
+    """--tiled-mlp (tiles of 48 of the 128 tokens) and --offload-checkpoints change where memory goes, not the
+    losses: every step's loss is the plain run's within float32 1e-6."""
+    _train(tmp_path, "--dataset", dataset, "--parallel-mode", "data_parallel", "--tiled-mlp", "48",
+           "--offload-checkpoints")
+    losses = _losses(tmp_path)
+    assert len(losses) == len(reference) == STEPS
+    for step, (got, ref) in enumerate(zip(losses, reference), 1):
+        assert abs(got - ref) <= 1e-6 * abs(ref), f"step {step}: loss {got!r} vs plain {ref!r}"
+
+
 def test_final_model_records_rope_theta_and_length(zigzag_run):
     config = json.loads((zigzag_run / "config.json").read_text())
     theta = config.get("rope_parameters", {}).get("rope_theta", config.get("rope_theta"))
@@ -158,6 +169,8 @@ def test_resume_refuses_a_new_global_batch_under_the_launcher(tmp_path, dataset,
     (["--seq-length", "129"], "--seq-length 129 is not divisible by 2, which zigzag_ring_attn needs"),
     (["--sp-size", "2"], "--sp-size 2 does not divide the world size 1"),
     (["--reset-position-ids"], "use --parallel-mode data_parallel, or drop --reset-position-ids"),
+    (["--tiled-mlp", "0"], "--tiled-mlp: expected an integer >= 1"),
+    (["--checkpointing", "none", "--offload-checkpoints"], "use --checkpointing full or remat"),
 ])
 def test_bad_options_fail_fast_with_a_clear_message(tmp_path, dataset, extra, message):
     args = ["--dataset", dataset, *extra] if "--dataset" not in extra else extra

@@ -21,7 +21,7 @@ from .documents import (PADDING_WARNING, global_batch_indices, load_documents, p
                         tokenize_documents, warn_padding)
 from .memory import PeakMemory, peak_memory_bytes, reset_peak_memory
 from .model import (CHECKPOINTING, TINY_CONFIG, ChunkedLossModel, build_model, build_optimizer, enable_checkpointing,
-                    loss_chunk_size_arg, model_path)
+                    loss_chunk_size_arg, model_path, tile_size_arg)
 from .processes import check_parallel_options, group_timeout, setup_sequence_parallel
 from .rope import ROPE_FORMULAS, ntk_rope_base, rope_base, scaling_law_rope_base
 from .run_state import (LATEST, STATE_FILE, Run, check_resume, latest_checkpoint, load_checkpoint, load_resume, on_main,
@@ -32,7 +32,7 @@ __all__ = [
     "load_documents", "tokenize_documents", "pack_documents", "global_batch_indices",
     "open_samples", "open_documents", "check_dataset", "PackedSamples", "TokenDocuments",
     "check_parallel_options", "setup_sequence_parallel", "model_path", "build_model", "enable_checkpointing",
-    "CHECKPOINTING", "build_optimizer", "ChunkedLossModel", "loss_chunk_size_arg",
+    "CHECKPOINTING", "build_optimizer", "ChunkedLossModel", "loss_chunk_size_arg", "tile_size_arg",
     "save_checkpoint", "load_checkpoint", "latest_checkpoint", "save_final_model", "group_timeout",
     "on_main", "Run", "start_run", "run_signature", "release_locks", "check_resume", "load_resume",
     "padding_fraction", "warn_padding", "PADDING_WARNING", "TINY_CONFIG", "STATE_FILE", "LATEST",

@@ -11,9 +11,11 @@ from ..assets import smollm2_path
 from ..checkpointing import enable_remat_aware_checkpointing
 from ..loss import chunked_cross_entropy_sum, resolve_loss_chunk_size
 from ..model_config import set_rope_theta
+from ..offload import enable_checkpoint_offload
+from ..tiling import enable_tiled_mlp, resolve_tile_size
 
 __all__ = ["TINY_CONFIG", "model_path", "build_model", "CHECKPOINTING", "enable_checkpointing", "build_optimizer",
-           "ChunkedLossModel", "loss_chunk_size_arg"]
+           "ChunkedLossModel", "loss_chunk_size_arg", "tile_size_arg"]
 
 TINY_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, tie_word_embeddings=False)
@@ -61,15 +63,26 @@ def build_model(spec: str, *, vocab_size: int, seq_length: int, rope_theta: Opti
 CHECKPOINTING = ("full", "remat", "none")
 
 
-def enable_checkpointing(model, mode: str = "full") -> None:
-    """Activation checkpointing of every decoder layer (non-reentrant ``torch.utils.checkpoint``).
+def enable_checkpointing(model, mode: str = "full", *, tiled_mlp=None, offload: bool = False) -> None:
+    """Activation checkpointing of every decoder layer (non-reentrant ``torch.utils.checkpoint``), and the memory
+    options that go with it.
 
     ``"full"`` recomputes whole layers in backward, sequence-parallel attention (communication included) too;
     ``"remat"`` keeps each layer's attention output so the recomputation stops there (DistFlashAttn's
     rematerialization-aware checkpointing, :mod:`easy_context.checkpointing`); ``"none"`` keeps every activation.
+
+    ``tiled_mlp``: ``None``/``False`` off; ``True``/``"auto"`` each MLP over sequence tiles of the default size (the
+    hidden size); an integer, tiles of that many tokens (:func:`easy_context.tiling.enable_tiled_mlp`).
+    ``offload``: keep the checkpointed layer inputs in host memory (:func:`easy_context.offload.
+    enable_checkpoint_offload`; needs ``"full"`` or ``"remat"``). Neither changes the loss or the gradients.
     """
     if mode not in CHECKPOINTING:
         raise ValueError(f"unknown checkpointing mode {mode!r}: choose one of {', '.join(CHECKPOINTING)}")
+    if offload and mode == "none":
+        raise ValueError("offloading the checkpointed layer inputs needs activation checkpointing: use "
+                         "--checkpointing full or remat, or drop --offload-checkpoints")
+    if tiled_mlp is not None and tiled_mlp is not False:
+        enable_tiled_mlp(model, None if tiled_mlp is True else tiled_mlp)
     if mode == "none":
         return
     kwargs = {"use_reentrant": False}
@@ -79,6 +92,8 @@ def enable_checkpointing(model, mode: str = "full") -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if offload:
+        enable_checkpoint_offload(model)
 
 
 def build_optimizer(params, lr: float, weight_decay: float, accelerator):
@@ -113,6 +128,22 @@ def loss_chunk_size_arg(value: str):
 
 
 loss_chunk_size_arg.range_text = ">= 1, or auto"
+
+
+def tile_size_arg(value: str):
+    """``type=`` for ``--tiled-mlp``: a positive number of tokens per MLP tile, or ``auto`` (the hidden size)."""
+    import argparse
+
+    if value == "auto":
+        return value
+    try:
+        return resolve_tile_size(int(value), 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 (tokens per MLP tile) or auto (the model's "
+                                         f"hidden size), got {value}") from None
+
+
+tile_size_arg.range_text = ">= 1, or auto"
 
 
 class ChunkedLossModel(torch.nn.Module):
