@@ -21,10 +21,11 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from .kernels import document_ids
 from .model_config import text_config
 
 __all__ = ["reject_unsupported_features", "padding_mask_refuser", "check_config", "config_problems", "check_shards",
-           "ShardMismatch", "positions_restart"]
+           "ShardMismatch", "positions_restart", "packing_problem"]
 
 
 def reject_unsupported_features(name: str, dropout: float, kwargs: dict) -> None:
@@ -158,27 +159,68 @@ def _local_status(layout, rank, world_size, local_len, position_ids) -> Tuple[in
     return MISMATCH, 0
 
 
-def check_shards(method, layout, group, rank: int, world_size: int, query: torch.Tensor, position_ids) -> None:
-    """Raise :class:`ShardMismatch` on every rank unless every rank holds its own shard of one sequence.
+def check_shards(method, layout, group, rank: int, world_size: int, query: torch.Tensor, position_ids,
+                 documents: bool = False) -> Optional[torch.Tensor]:
+    """Raise :class:`ShardMismatch` on every rank unless every rank holds its own shard of one sequence; return the
+    document ids of the full sequence when its positions restart (packed documents), else ``None``.
 
     Each rank compares its ``position_ids`` (global positions, as :func:`prepare_seq_parallel_inputs` returns them)
     with the positions ``layout`` assigns to it in a group of ``world_size``, up to one offset shared by all ranks; the
-    ranks then exchange ``(local length, batch, status, offset)`` with one all-gather. Modeling code that passes no
-    ``position_ids`` to the attention (Llama-4) gets the shape checks only.
+    ranks then exchange ``(local length, batch, status, offset, checksum)`` with one all-gather. When the positions
+    are not one run (packed documents) and the method takes ``documents``, a second all-gather brings every rank's
+    positions: the full sequence's positions must count up by one and restart at 0 at each document, and no two ranks
+    may hold the same shard (the same positions and the same queries: a rank passed twice). Modeling code that passes
+    no ``position_ids`` to the attention (Llama-4) gets the shape checks only.
     """
     batch, local_len = query.shape[0], query.shape[2]
     status, offset = _local_status(layout, rank, world_size, local_len, position_ids)
-    mine = torch.tensor([local_len, batch, status, offset], dtype=torch.int64)
-    if world_size > 1:
-        device = query.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        gathered = [torch.empty_like(mine, device=device) for _ in range(world_size)]
-        dist.all_gather(gathered, mine.to(device), group=group)
-        table = torch.stack([g.cpu() for g in gathered]).tolist()
-    else:
-        table = [mine.tolist()]
-    message = _diagnose(method, world_size, table)
+    checksum = 0
+    if world_size > 1:  # tells a rank passed twice from documents that repeat: the same queries at the same positions
+        checksum = int(torch.sum(query.detach(), dtype=torch.float64).reshape(1).cpu().view(torch.int64))
+    mine = torch.tensor([local_len, batch, status, offset, checksum], dtype=torch.int64)
+    table = [row.tolist() for row in _all_gather(mine, group, world_size, query.device)]
+    message = _diagnose_shapes(method, world_size, table)
     if message:
         raise ShardMismatch(message)
+    if all(row[2] == OK for row in table) and len({row[3] for row in table}) == 1:
+        return None  # one sequence, sharded as the layout places it
+    if not documents or position_ids is None:
+        raise ShardMismatch(_diagnose(method, world_size, table))
+    pos = position_ids.reshape(-1, local_len).expand(batch, local_len).to(torch.int64).contiguous()
+    shards = _all_gather(pos, group, world_size, query.device)
+    full = torch.empty(batch, local_len * world_size, dtype=torch.int64)
+    for r, shard in enumerate(shards):
+        full[:, layout.indices(local_len * world_size, r, world_size)] = shard
+    if packing_problem(full):
+        raise ShardMismatch(
+            f"{method} over {world_size} ranks: the ranks' positions do not make one sequence of packed documents "
+            "(positions count up by one and restart at 0 at each document): a wrong rank or world size, input that "
+            "was not sharded, or local positions instead of global ones: " + _FIX)
+    seen = {}
+    for r, (shard, row) in enumerate(zip(shards, table)):
+        key = (tuple(shard.flatten().tolist()), row[4])
+        if key in seen:
+            raise ShardMismatch(
+                f"{method} over {world_size} ranks: ranks {seen[key]} and {r} hold the same shard (the same positions "
+                "and the same tokens), so the sequence they make is not the one that was sharded: " + _FIX)
+        seen[key] = r
+    ids = document_ids(full)
+    return ids[0] if bool((ids == ids[:1]).all()) else ids
+
+
+def _all_gather(x: torch.Tensor, group, world_size: int, device) -> List[torch.Tensor]:
+    if world_size == 1:
+        return [x.cpu()]
+    device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    gathered = [torch.empty_like(x, device=device) for _ in range(world_size)]
+    dist.all_gather(gathered, x.to(device), group=group)
+    return [g.cpu() for g in gathered]
+
+
+def packing_problem(position_ids: torch.Tensor) -> bool:
+    """Whether the positions of a full ``(B, S)`` sequence break somewhere other than by restarting at 0."""
+    steps = position_ids.diff(dim=-1)
+    return bool(((steps != 1) & (position_ids[..., 1:] != 0)).any()) or bool((position_ids < 0).any())
 
 
 _FIX = ("shard each batch with easy_context.prepare_seq_parallel_inputs(method, input_ids, position_ids, target_ids, "
@@ -186,20 +228,24 @@ _FIX = ("shard each batch with easy_context.prepare_seq_parallel_inputs(method, 
         "model (with transformers.Trainer, use easy_context.SeqParallelTrainer)")
 
 
+def _diagnose_shapes(method: str, world_size: int, table: List[List[int]]) -> Optional[str]:
+    if len({row[0] for row in table}) > 1 or len({row[1] for row in table}) > 1:
+        shapes = ", ".join(f"rank {r}: {b}x{n}" for r, (n, b, *_rest) in enumerate(table))
+        return (f"{method} over {world_size} ranks: the ranks hold inputs of different shapes ({shapes}), so they are "
+                "not shards of one sequence: " + _FIX)
+    return None
+
+
 def _diagnose(method: str, world_size: int, table: List[List[int]]) -> Optional[str]:
     lengths = [row[0] for row in table]
-    batches = [row[1] for row in table]
     statuses = [row[2] for row in table]
     head = f"{method} over {world_size} ranks: "
-    if len(set(lengths)) > 1 or len(set(batches)) > 1:
-        shapes = ", ".join(f"rank {r}: {b}x{n}" for r, (n, b, *_rest) in enumerate(table))
-        return (head + f"the ranks hold inputs of different shapes ({shapes}), so they are not shards of one sequence: "
-                + _FIX)
     if PACKED in statuses:
         ranks = [r for r, s in enumerate(statuses) if s == PACKED]
         return (head + f"position_ids restart inside the sequence on rank(s) {ranks} (packed documents): "
-                "sequence-parallel methods compute one causal span per row, so packed documents would attend to "
-                "each other. Pack without resetting positions, or put one document per row")
+                f"{method} computes one causal span per row, so packed documents would attend to each other. Use a "
+                "method that takes packed documents (one whose Method.documents is true), pack without resetting "
+                "positions, or put one document per row")
     if MISMATCH in statuses:
         ranks = [r for r, s in enumerate(statuses) if s == MISMATCH]
         return (head + f"the positions on rank(s) {ranks} are not that rank's shard of a {lengths[0] * world_size}-"

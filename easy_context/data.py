@@ -7,7 +7,7 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
-from .checks import positions_restart
+from .checks import packing_problem, positions_restart
 from .comm import group_rank, group_size
 from .layout import padded_length
 from .loss import IGNORE_INDEX
@@ -19,7 +19,7 @@ from .mesh import (
     get_sequence_parallel_group,
     sequence_parallel_size,
 )
-from .methods import get_method
+from .methods import document_methods, get_method
 
 __all__ = ["prepare_seq_parallel_inputs", "gather_seq_parallel", "prepare_dataloader", "pad_to_multiple"]
 
@@ -65,7 +65,10 @@ def prepare_seq_parallel_inputs(
     the sequence-parallel group, and ``rank``/``world_size`` must be this process's rank in it and its size.
 
     Refused with an error that names the fix: a rank outside ``world_size``, ``world_size > 1`` with no process group,
-    a ``world_size`` larger than the process group, and ``position_ids`` that restart inside a row (packed documents).
+    a ``world_size`` larger than the process group, and ``position_ids`` that restart inside a row (packed documents)
+    for a method that does not take them. Methods with ``documents`` (every sequence-parallel method but ``dca``) take
+    packed documents: positions restart at 0 at each document, and the attention then keeps every document to itself
+    (the document boundaries are read from the positions at the first attention layer of each forward).
     The attention checks the rest at the first layer of every forward (:func:`easy_context.checks.check_shards`).
     """
     method = get_method(seq_algo)
@@ -84,11 +87,7 @@ def prepare_seq_parallel_inputs(
     if layout is not None:
         _check_rank(rank, world_size)
         if positions_restart(position_ids):
-            raise ValueError(
-                f"position_ids do not count up by one inside the sequence (packed documents restart them): "
-                f"{method.name} computes one causal span per row, so packed documents would attend to each other. "
-                "Pack without resetting positions (position_ids=None), or put one document per row"
-            )
+            _check_packing(method, position_ids)
         multiple = layout.multiple(world_size)
         if pad_to_multiple_of is not None and pad_to_multiple_of % multiple:
             raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of} is not a multiple of {multiple}, which "
@@ -107,6 +106,20 @@ def prepare_seq_parallel_inputs(
         "local_position_ids": to(position_ids),
         "local_target_ids": to(target_ids),
     }
+
+
+def _check_packing(method, position_ids: torch.Tensor) -> None:
+    """Positions that restart inside a row are packed documents: refused unless ``method`` takes them, and then only
+    when every break restarts at 0."""
+    if not method.documents:
+        raise ValueError(
+            f"position_ids do not count up by one inside the sequence (packed documents restart them): {method.name} "
+            f"computes one causal span per row, so packed documents would attend to each other. Use a method that "
+            f"takes packed documents ({', '.join(document_methods())}), pack without resetting positions "
+            "(position_ids=None), or put one document per row")
+    if packing_problem(position_ids.reshape(-1, position_ids.shape[-1])):
+        raise ValueError("position_ids break somewhere other than by restarting at 0: packed documents must count "
+                         "0, 1, 2, ... within each document (as DataCollatorWithFlattening writes them)")
 
 
 def _check_rank(rank: int, world_size: int) -> None:

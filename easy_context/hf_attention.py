@@ -60,6 +60,7 @@ class Binding:
         self.group = group
         self.forward = forward or functools.partial(sp_attention_forward, method, binding=self)
         self.guard_layer = None  # the layer index whose calls run the shard guard: the first one called
+        self.documents = (None, None)  # (position_ids the guard saw, the document ids it found for them)
         self._checked_configs: Dict[int, "weakref.ref"] = {}
 
     def resolve_group(self):
@@ -141,11 +142,18 @@ def sp_attention_forward(method: Method, module, query, key, value, attention_ma
     group = get_sequence_parallel_group() if binding is None else binding.resolve_group()
     world_size, rank = group_size(group), group_rank(group)
     layer = getattr(module, "layer_idx", None)
+    position_ids = kwargs.get("position_ids")
     if binding is not None and binding.guard_layer is None:
         binding.guard_layer = layer
-    if binding is None or layer is None or layer == binding.guard_layer:
-        # Every rank reaches this point in every forward; the collective check runs before any rank may raise.
-        check_shards(name, method.layout, group, rank, world_size, query, kwargs.get("position_ids"))
+    if binding is None or layer is None or layer == binding.guard_layer or binding.documents[0] is not position_ids:
+        # Every rank reaches this point in every forward; the collective check runs before any rank may raise. Its
+        # document ids (packed documents) serve every layer of the forward, which all get the same position_ids.
+        doc_ids = check_shards(name, method.layout, group, rank, world_size, query, position_ids,
+                               documents=method.documents)
+        if binding is not None:
+            binding.documents = (position_ids, doc_ids)
+    else:
+        doc_ids = binding.documents[1]
     if attention_mask is not None:
         raise ValueError(
             f"{name} cannot apply an explicit attention mask: pass attention_mask=None. Pad at the end with "
@@ -175,7 +183,8 @@ def sp_attention_forward(method: Method, module, query, key, value, attention_ma
         width = max(qk_dim, v_dim)
         pad = lambda x: torch.nn.functional.pad(x, (0, width - x.shape[-1]))  # noqa: E731
         query, key, value = pad(query), pad(key), pad(value)
-    out, _ = method.attention(query, key, value, causal=causal, scale=scaling, group=group)
+    documents = {} if doc_ids is None else {"doc_ids": doc_ids.to(query.device)}
+    out, _ = method.attention(query, key, value, causal=causal, scale=scaling, group=group, **documents)
     return out[..., :v_dim].transpose(1, 2), None
 
 

@@ -127,13 +127,27 @@ def _wrong_shards(rank, world_size):
     # Ranks with different local lengths.
     n = SEQ_LEN // 2 if rank == 0 else SEQ_LEN // 4
     messages["lengths"] = _catch(lambda: forward(input_ids[:, :n], position_ids[:, :n]))
-    # Packed documents, sharded by hand (prepare_seq_parallel_inputs refuses them itself).
+    # Packed documents, sharded by hand and by prepare_seq_parallel_inputs: taken (tests/test_packed_training.py
+    # checks they are exact). Positions that break without restarting at 0 are not documents: refused.
     packed = torch.cat([torch.arange(SEQ_LEN // 2), torch.arange(SEQ_LEN // 2)]).expand(2, SEQ_LEN)
     from easy_context.layout import ZIGZAG
     messages["packed"] = _catch(lambda: forward(ZIGZAG.shard(input_ids, rank, world_size),
                                                 ZIGZAG.shard(packed, rank, world_size)))
     messages["packed_prepare"] = _catch(lambda: ec.prepare_seq_parallel_inputs(
         method, input_ids, packed, None, rank, world_size, "cpu"))
+    broken = torch.cat([torch.arange(SEQ_LEN // 2), torch.arange(5, 5 + SEQ_LEN // 2)]).expand(2, SEQ_LEN)
+    messages["broken"] = _catch(lambda: forward(ZIGZAG.shard(input_ids, rank, world_size),
+                                                ZIGZAG.shard(broken, rank, world_size)))
+    messages["broken_prepare"] = _catch(lambda: ec.prepare_seq_parallel_inputs(
+        method, input_ids, broken, None, rank, world_size, "cpu"))
+    # Both ranks pass rank=0 to a method with contiguous shards: the two shards look like two documents of one packed
+    # row, and only the tokens tell them apart.
+    ring = tiny_model("llama")
+    ec.apply_seq_parallel_monkey_patch("ring_attn", ring)
+    same = ec.prepare_seq_parallel_inputs("ring_attn", input_ids, position_ids, None, 0, world_size, "cpu")
+    with torch.no_grad():
+        messages["same_rank_contiguous"] = _catch(lambda: ring(same["local_input_ids"],
+                                                               position_ids=same["local_position_ids"]))
     # A world size larger than the process group.
     messages["world_4"] = _catch(lambda: ec.prepare_seq_parallel_inputs(
         method, input_ids, position_ids, None, rank, 4, "cpu"))
@@ -145,14 +159,17 @@ def _wrong_shards(rank, world_size):
 def test_the_guard_refuses_inputs_that_are_not_shards_of_one_sequence():
     ref = _reference_logits()
     for rank, (messages, logits) in enumerate(run_distributed(_wrong_shards, 2)):
-        assert "positions on rank(s) [1] are not that rank's shard" in messages["same_rank"]
+        not_one_sequence = "positions do not make one sequence of packed documents"
+        assert not_one_sequence in messages["same_rank"] and "a wrong rank" in messages["same_rank"]
         assert "prepare_seq_parallel_inputs" in messages["same_rank"]
-        assert "are not that rank's shard" in messages["unsharded"]
+        assert "ranks 0 and 1 hold the same shard" in messages["same_rank_contiguous"]
+        assert not_one_sequence in messages["unsharded"] and "input that was not sharded" in messages["unsharded"]
         assert "SeqParallelTrainer" in messages["unsharded"]
-        assert "are not that rank's shard" in messages["no_positions"]
+        assert not_one_sequence in messages["no_positions"]
         assert "different shapes (rank 0: 2x32, rank 1: 2x16)" in messages["lengths"]
-        assert "position_ids restart inside the sequence" in messages["packed"]
-        assert "packed documents" in messages["packed_prepare"]
+        assert messages["packed"] is None and messages["packed_prepare"] is None
+        assert not_one_sequence in messages["broken"]
+        assert "restarting at 0" in messages["broken_prepare"]
         assert "world_size=4 is larger than the 2 processes" in messages["world_4"]
         assert rel_err(logits, ref) <= FP32_TOL, f"rank {rank}: the right call after the refusals is not exact"
 
@@ -165,17 +182,31 @@ def test_world_size_above_one_without_a_process_group_is_refused():
         ec.prepare_seq_parallel_inputs("ring_attn", input_ids, position_ids, None, 2, 2, "cpu")
 
 
-def test_packed_documents_are_refused_on_one_process_too():
-    model = tiny_model("llama")
-    ec.apply_seq_parallel_monkey_patch("ring_attn", model)
+def test_packed_documents_on_one_process_are_kept_apart_or_refused():
+    """ring_attn on one process keeps packed documents apart, as transformers' own attention does; dca refuses them;
+    positions that break without restarting at 0 are refused."""
     input_ids, _, _ = tiny_batch(SEQ_LEN)
     packed = torch.cat([torch.arange(40), torch.arange(24)]).expand(2, SEQ_LEN)
-    with pytest.raises(ValueError, match="packed documents"):
-        model(input_ids, position_ids=packed)
-    with pytest.raises(ValueError, match="packed documents"):
-        ec.prepare_seq_parallel_inputs("ring_attn", input_ids, packed, None, 0, 1, "cpu")
-    # Positions shifted by a constant are one sequence, and allowed.
-    model(input_ids, position_ids=torch.arange(100, 100 + SEQ_LEN).expand(2, SEQ_LEN))
+    with torch.no_grad():
+        separate = torch.cat([tiny_model("llama")(input_ids[:, :40]).logits,
+                              tiny_model("llama")(input_ids[:, 40:]).logits], dim=1)
+        model = tiny_model("llama")
+        ec.apply_seq_parallel_monkey_patch("ring_attn", model)
+        assert rel_err(model(input_ids, position_ids=packed).logits, separate) <= FP32_TOL
+        local = ec.prepare_seq_parallel_inputs("ring_attn", input_ids, packed, None, 0, 1, "cpu")
+        assert rel_err(model(local["local_input_ids"], position_ids=local["local_position_ids"]).logits,
+                       separate) <= FP32_TOL
+        broken = torch.cat([torch.arange(40), torch.arange(3, 27)]).expand(2, SEQ_LEN)
+        with pytest.raises(ValueError, match="do not make one sequence of packed documents"):
+            model(input_ids, position_ids=broken)
+        with pytest.raises(ValueError, match="restarting at 0"):
+            ec.prepare_seq_parallel_inputs("ring_attn", input_ids, broken, None, 0, 1, "cpu")
+        # Positions shifted by a constant are one sequence, and allowed.
+        model(input_ids, position_ids=torch.arange(100, 100 + SEQ_LEN).expand(2, SEQ_LEN))
+        dca = tiny_model("llama")
+        ec.apply_seq_parallel_monkey_patch("dca", dca, pretraining_length=32)
+        with pytest.raises(ValueError, match="packed sequences"):
+            dca(input_ids, position_ids=packed)
 
 
 # ------------------------------------------------------------------------------------- 7. per-model state

@@ -123,12 +123,26 @@ def test_global_batches_walk_seeded_permutations_epoch_by_epoch():
     (dict(method="zigzag_ring_attn", world_size=4, sp_size=3, seq_length=96), "--sp-size 3 does not divide"),
     (dict(method="zigzag_ring_attn", world_size=2, sp_size=None, seq_length=130),
      "--seq-length 130 is not divisible by 4"),
-    (dict(method="ring_attn", world_size=2, sp_size=2, seq_length=64, reset_position_ids=True), "data_parallel"),
     (dict(method="data_parallel", world_size=2, sp_size=2, seq_length=64), "--sp-size 2 needs a sequence-parallel"),
 ])
 def test_parallel_option_errors_name_the_fix(kwargs, message):
     with pytest.raises(ValueError, match=message):
         T.check_parallel_options(**kwargs)
+
+
+def test_reset_position_ids_needs_a_method_that_takes_packed_documents():
+    from easy_context.methods import Method, base, get_method
+
+    assert T.check_parallel_options("ring_attn", 2, 2, 64, reset_position_ids=True) == 2
+    one_span = Method(name="one_span_attn", description="a method without packed documents",
+                      layout=get_method("ring_attn").layout, attention=get_method("ring_attn").attention)
+    base.register(one_span)
+    try:
+        with pytest.raises(ValueError, match="--reset-position-ids needs .* use --parallel-mode data_parallel or "
+                                             ".*zigzag_ring_attn"):
+            T.check_parallel_options("one_span_attn", 2, 2, 64, reset_position_ids=True)
+    finally:
+        del base._REGISTRY["one_span_attn"]
 
 
 def test_parallel_options_defaults():

@@ -26,7 +26,7 @@ from typing import Callable, Dict, Optional
 
 from ..layout import Layout
 
-__all__ = ["Method", "register", "get_method", "available_methods"]
+__all__ = ["Method", "register", "get_method", "available_methods", "document_methods"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,11 @@ def register(method: Method, *aliases: str) -> Method:
 
 def available_methods() -> list:
     return sorted(_REGISTRY)
+
+
+def document_methods() -> list:
+    """Names of the methods that take packed documents."""
+    return [name for name in available_methods() if _REGISTRY[name].documents]
 
 
 def get_method(name) -> Method:

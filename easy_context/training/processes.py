@@ -10,7 +10,7 @@ import torch.distributed.distributed_c10d as c10d
 
 from ..comm import group_rank, group_size
 from ..mesh import setup_mesh
-from ..methods import Method, get_method
+from ..methods import Method, document_methods, get_method
 
 __all__ = ["check_parallel_options", "group_timeout", "setup_sequence_parallel"]
 
@@ -31,10 +31,10 @@ def check_parallel_options(method: Union[str, Method], world_size: int, sp_size:
     if sp_size < 1 or world_size % sp_size:
         raise ValueError(f"--sp-size {sp_size} does not divide the world size {world_size} (the number of "
                          f"processes): choose a divisor of {world_size}, or launch a multiple of {sp_size} processes")
-    if reset_position_ids:
-        raise ValueError(f"--reset-position-ids needs attention masked across packed documents, which "
-                         f"{m.name} cannot do (sequence-parallel attention is one causal span): use "
-                         "--parallel-mode data_parallel, or drop --reset-position-ids")
+    if reset_position_ids and not m.documents:
+        raise ValueError(f"--reset-position-ids needs attention masked across packed documents, which {m.name} "
+                         f"cannot do: use --parallel-mode {' or '.join(['data_parallel', *document_methods()])}, or "
+                         "drop --reset-position-ids")
     multiple = m.layout.multiple(sp_size)
     if seq_length % multiple and not pad_to_multiple:
         up = -(-seq_length // multiple) * multiple
