@@ -142,3 +142,46 @@ def test_train_py_reset_position_ids_on_two_ranks_equals_one_process(tmp_path, s
     assert len(losses) == len(reference) == 3
     for step, (got, ref) in enumerate(zip(losses, reference), 1):
         assert abs(got - ref) <= FP32_TOL * abs(ref), f"step {step}: loss {got!r} vs one process {ref!r}"
+
+
+# ---------------------------------------------------------------------------------------------------- Trainer
+class _Documents(torch.utils.data.Dataset):
+    """Documents of 3 to 40 tokens, as a tokenized dataset gives them to DataCollatorWithFlattening."""
+
+    def __init__(self, n=32):
+        g = torch.Generator().manual_seed(5)
+        self.docs = [torch.randint(0, 128, (int(torch.randint(3, 41, (), generator=g)),), generator=g).tolist()
+                     for _ in range(n)]
+
+    def __len__(self):
+        return len(self.docs)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.docs[i]}
+
+
+def _trainer_losses(rank, world_size, output_dir, method):
+    from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
+
+    import easy_context as ec
+
+    args = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                             max_steps=3, logging_steps=1, learning_rate=5e-3, lr_scheduler_type="constant", seed=0,
+                             data_seed=0, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                             remove_unused_columns=False, max_grad_norm=1e9)
+    model = tiny_model("llama", use_cache=False)  # with a cache, transformers' attention does not see the packing
+    kwargs = dict(model=model, args=args, train_dataset=_Documents(), data_collator=DataCollatorWithFlattening())
+    trainer = Trainer(**kwargs) if method is None else ec.SeqParallelTrainer(**kwargs, seq_algo=method)
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+@pytest.mark.slow
+def test_seq_parallel_trainer_with_data_collator_with_flattening(tmp_path):
+    """SeqParallelTrainer with DataCollatorWithFlattening (one packed row per micro-batch, positions restarting at
+    each document) on 2 processes logs the 1-process Trainer's losses, whose attention masks across documents."""
+    reference = run_distributed(_trainer_losses, 1, str(tmp_path / "one"), None)[0]
+    losses = run_distributed(_trainer_losses, 2, str(tmp_path / "two"), "zigzag_ring_attn")[0]
+    assert len(losses) == len(reference) == 3
+    for step, (got, ref) in enumerate(zip(losses, reference), 1):
+        assert abs(got - ref) <= FP32_TOL * abs(ref), f"step {step}: loss {got!r} vs one process {ref!r}"
