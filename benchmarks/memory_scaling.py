@@ -36,6 +36,13 @@ creates the same tensors, of the same sizes, in the same order, freed at the sam
 their values differ. Not counted: the kernels' own scratch (``O(block²)`` per thread in the attention kernel).
 ``--real-compute`` at a small length checks this (docs/benchmarks.md gives the figures).
 
+**Memory options.** ``--tiled-mlp [N]`` (each MLP over sequence tiles of N tokens, default the hidden size:
+:mod:`easy_context.tiling`) and ``--offload-checkpoints`` (the checkpointed layer inputs in host memory:
+:mod:`easy_context.offload`) turn on train.py's options of the same names in every process; ``--also-without``
+measures every point without them as well. Each row records them (``tiled_mlp``: the tile in tokens, or null;
+``offload_checkpoints``) and the tables group the rows by them. On CPU the offload moves nothing (the layer inputs
+already are in host memory), so its rows measure the same as those without it.
+
 The script prints, per P, the fitted bytes per token per rank (least squares of ``peak − fixed`` against the global
 length) and the longest global length under ``--cap-gib`` per rank (from the planner's CPU mode, which predicts
 these measurements within a few percent), then ``peak − fixed`` at P relative to P = 1 at the largest length measured
@@ -45,6 +52,7 @@ largest over ranks, ``fixed_bytes``, and the breakdown); ``--output-dir`` gets `
 
     python benchmarks/memory_scaling.py --quick --json benchmarks/results/memory_scaling.json
     python benchmarks/memory_scaling.py --ranks 1 2 4 --lengths 8192 16384 32768 65536
+    python benchmarks/memory_scaling.py --ranks 1 --lengths 32768 --tiled-mlp --also-without
 """
 
 from __future__ import annotations
@@ -66,6 +74,7 @@ sys.path.insert(0, str(ROOT))
 from common import proc_status  # noqa: E402
 from easy_context import cli  # noqa: E402
 from easy_context.cli import float_range, int_range  # noqa: E402
+from easy_context.training.model import tile_size_arg  # noqa: E402
 
 CONFIG = ROOT / "assets" / "smollm2-135m" / "config.json"
 QUICK_LENGTHS = [8192, 16384, 32768]
@@ -202,6 +211,7 @@ def measure_rank(rank: int, world: int, seq_len: int, opts: dict) -> dict:
 
     from easy_context import apply_seq_parallel_monkey_patch, chunked_cross_entropy_sum, prepare_seq_parallel_inputs
     from easy_context.loss import resolve_loss_chunk_size, token_weighted_loss
+    from easy_context.tiling import resolve_tile_size
     from easy_context.training.model import enable_checkpointing
 
     torch.set_num_threads(1)
@@ -213,7 +223,8 @@ def measure_rank(rank: int, world: int, seq_len: int, opts: dict) -> dict:
     model = LlamaForCausalLM(config).float()
     model.train()
     name = apply_seq_parallel_monkey_patch(opts["method"], model)
-    enable_checkpointing(model, opts["checkpointing"])
+    enable_checkpointing(model, opts["checkpointing"], tiled_mlp=opts.get("tiled_mlp"),
+                         offload=opts.get("offload_checkpoints", False))
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -267,7 +278,9 @@ def measure_rank(rank: int, world: int, seq_len: int, opts: dict) -> dict:
     seconds = time.perf_counter() - t0
     found = tracker.analyse(prof)
     rise = found["rise"]
+    tile = resolve_tile_size(opts["tiled_mlp"], config.hidden_size) if opts.get("tiled_mlp") else None
     return {"rank": rank, "local_tokens": local_tokens, "params": n_params, "loss_chunk_size": chunk,
+            "tiled_mlp": tile,
             "base_rss": base, "rss_peak_bytes": proc_status("VmHWM") - base, "fixed_bytes": fixed,
             "peak_bytes": fixed + found["peak"], "checkpointed_bytes": found["marks"]["after_forward"],
             "forward_rise": rise.get("forward", 0),
@@ -331,7 +344,8 @@ def summarise(world: int, seq_len: int, ranks: list, opts: dict) -> dict:
     worst = max(ranks, key=lambda r: r["peak_bytes"])
     row = {"ranks": world, "seq_len": seq_len, "method": opts["method"], "checkpointing": opts["checkpointing"],
            "loss_chunk_size": worst["loss_chunk_size"], "local_tokens": worst["local_tokens"],
-           "params": worst["params"], "real_compute": opts["real_compute"],
+           "params": worst["params"], "real_compute": opts["real_compute"], "tiled_mlp": worst["tiled_mlp"],
+           "offload_checkpoints": bool(opts.get("offload_checkpoints")),
            "peak_bytes": worst["peak_bytes"], "fixed_bytes": max(r["fixed_bytes"] for r in ranks)}
     for key in ("checkpointed_bytes", "recompute_bytes", "attention_bytes", "loss_bytes", "forward_rise"):
         row[key] = max(r[key] for r in ranks)
@@ -354,48 +368,59 @@ def fit(rows: list) -> tuple:
     return my - b * mx, b
 
 
-def planned_longest(method: str, ranks: int, cap_gib: float, checkpointing: str, loss_chunk) -> int:
+def planned_longest(method: str, ranks: int, cap_gib: float, checkpointing: str, loss_chunk, tiled_mlp=None,
+                    offload_checkpoints: bool = False) -> int:
     """The longest global length whose per-rank peak stays under ``cap_gib``, from the planner's CPU mode (checked
     against these measurements): a straight-line fit over lengths where the loss and then the layers set the peak
     would extrapolate the wrong slope."""
     from easy_context.plan import PRESETS, Plan, max_seq_length
 
     plan = Plan(PRESETS["smollm2-135m"], gpus=ranks, gpu_memory_gb=cap_gib * GIB / 1e9, method=method, cpu=True,
-                checkpointing=checkpointing, loss_chunk_size=loss_chunk)
+                checkpointing=checkpointing, loss_chunk_size=loss_chunk, tiled_mlp=tiled_mlp,
+                offload_checkpoints=offload_checkpoints)
     return max_seq_length(plan)
+
+
+def options_label(row: dict) -> str:
+    """The memory options a row was measured with: ``tiled MLP <tile>``, ``offload``, or ``none``."""
+    parts = ([f"tiled MLP {row['tiled_mlp']}"] if row.get("tiled_mlp") else []) + \
+        (["offload"] if row.get("offload_checkpoints") else [])
+    return ", ".join(parts) or "none"
 
 
 GIB = 2 ** 30
 
 
 def report(rows: list, cap_gib: float) -> str:
-    lines = ["| method | P | tokens | local tokens | loss chunk | peak (GiB) | fixed | peak − fixed | checkpointed | "
-             "layer recompute | attention | loss | s |", "|" + " --- |" * 13]
-    for r in sorted(rows, key=lambda r: (r["method"], r["ranks"], r["seq_len"])):
+    lines = ["| method | options | P | tokens | local tokens | loss chunk | peak (GiB) | fixed | peak − fixed | "
+             "checkpointed | layer recompute | attention | loss | s |", "|" + " --- |" * 14]
+    for r in sorted(rows, key=lambda r: (r["method"], options_label(r), r["ranks"], r["seq_len"])):
         lines.append(
-            f"| {r['method']} | {r['ranks']} | {r['seq_len']} | {r['local_tokens']} | {r['loss_chunk_size']} | "
+            f"| {r['method']} | {options_label(r)} | {r['ranks']} | {r['seq_len']} | {r['local_tokens']} | "
+            f"{r['loss_chunk_size']} | "
             f"{r['peak_bytes'] / GIB:.2f} | {r['fixed_bytes'] / GIB:.2f} | "
             f"{(r['peak_bytes'] - r['fixed_bytes']) / GIB:.2f} | {r['checkpointed_bytes'] / GIB:.2f} | "
             f"{r['recompute_bytes'] / GIB:.2f} | {r['attention_bytes'] / GIB:.3f} | {r['loss_bytes'] / GIB:.2f} | "
             f"{r['seconds']:.0f} |")
-    lines += ["", f"| method | P | bytes per token per rank (fit) | intercept (GiB) | longest length under "
-              f"{cap_gib:g} GiB per rank (planner, CPU mode) |", "| --- | --- | --- | --- | --- |"]
+    lines += ["", f"| method | options | P | bytes per token per rank (fit) | intercept (GiB) | longest length "
+              f"under {cap_gib:g} GiB per rank (planner, CPU mode) |", "| --- | --- | --- | --- | --- | --- |"]
     loss_chunk = "auto" if len({r["loss_chunk_size"] for r in rows}) > 1 else rows[0]["loss_chunk_size"]
     notes = []
-    for method in sorted({r["method"] for r in rows}):
-        mrows = [r for r in rows if r["method"] == method]
+    for method, label in sorted({(r["method"], options_label(r)) for r in rows}):
+        mrows = [r for r in rows if r["method"] == method and options_label(r) == label]
         worlds = sorted({r["ranks"] for r in mrows})
         longest = {}
         for p in worlds:
             sub = [r for r in mrows if r["ranks"] == p]
             a, b = fit(sub)
-            longest[p] = planned_longest(method, p, cap_gib, sub[0]["checkpointing"], loss_chunk)
-            lines.append(f"| {method} | {p} | {b:,.0f} | {a / GIB:.2f} | {longest[p]:,} |")
+            longest[p] = planned_longest(method, p, cap_gib, sub[0]["checkpointing"], loss_chunk,
+                                         sub[0].get("tiled_mlp"), bool(sub[0].get("offload_checkpoints")))
+            lines.append(f"| {method} | {label} | {p} | {b:,.0f} | {a / GIB:.2f} | {longest[p]:,} |")
         common = set.intersection(*({r["seq_len"] for r in mrows if r["ranks"] == p} for p in worlds))
         if common and 1 in worlds and len(worlds) > 1:
             s = max(common)
             var = {r["ranks"]: r["peak_bytes"] - r["fixed_bytes"] for r in mrows if r["seq_len"] == s}
-            notes.append(f"{method} at {s} tokens: peak − fixed relative to P = 1: " + ", ".join(
+            notes.append(f"{method} ({label}) at {s} tokens: peak − fixed relative to P = 1: " + ", ".join(
                 f"P={p}: {var[p] / var[1]:.2f}" for p in worlds if p != 1)
                 + "; longest length under the cap relative to P = 1: " + ", ".join(
                 f"P={p}: {longest[p] / max(longest[1], 1):.2f}" for p in worlds if p != 1) + ".")
@@ -409,10 +434,12 @@ def plot(rows: list, path: Path, cap_gib: float) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, p in sorted({(r["method"], r["ranks"]) for r in rows}):
-        sub = sorted((r for r in rows if r["ranks"] == p and r["method"] == method), key=lambda r: r["seq_len"])
+    for method, label, p in sorted({(r["method"], options_label(r), r["ranks"]) for r in rows}):
+        sub = sorted((r for r in rows if r["ranks"] == p and r["method"] == method and options_label(r) == label),
+                     key=lambda r: r["seq_len"])
         xs = [r["seq_len"] for r in sub]
         name = f"{method} P={p}" if len({r["method"] for r in rows}) > 1 else f"P={p}"
+        name += f" ({label})" if len({options_label(r) for r in rows}) > 1 else ""
         ax.plot(xs, [r["peak_bytes"] / GIB for r in sub], "o-", label=f"{name}: peak")
         ax.plot(xs, [(r["peak_bytes"] - r["fixed_bytes"]) / GIB for r in sub], "x--", label=f"{name}: peak − fixed")
     ax.set_xscale("log", base=2)
@@ -437,6 +464,12 @@ def main() -> None:
                         help="tokens per lm_head + loss chunk, or 'auto' (easy_context.loss.auto_loss_chunk_size)")
     parser.add_argument("--cap-gib", type=float_range(0, lo_open=True), default=8.0,
                         help="per-rank memory cap for the longest-length column")
+    parser.add_argument("--tiled-mlp", nargs="?", const="auto", type=tile_size_arg, metavar="N",
+                        help="each MLP over sequence tiles of N tokens (alone: the hidden size), easy_context.tiling")
+    parser.add_argument("--offload-checkpoints", action="store_true",
+                        help="checkpointed layer inputs in host memory (easy_context.offload; on CPU nothing moves)")
+    parser.add_argument("--also-without", action="store_true",
+                        help="measure every point also without --tiled-mlp / --offload-checkpoints")
     parser.add_argument("--real-compute", action="store_true", help="run the matrix products and attention too")
     parser.add_argument("--json", type=Path, default=None, help="write one row per measurement here")
     parser.add_argument("--output-dir", "--out", type=Path, default=None, metavar="DIR",
@@ -447,13 +480,20 @@ def main() -> None:
     lengths = args.lengths or (QUICK_LENGTHS if args.quick else FULL_LENGTHS)
     rows = []
     t0 = time.perf_counter()
-    for method, world, seq_len in [(m, w, s) for m in args.methods for w in args.ranks for s in lengths]:
+    if args.offload_checkpoints and args.checkpointing == "none":
+        parser.error("--offload-checkpoints needs --checkpointing full or remat")
+    variants = [(args.tiled_mlp, args.offload_checkpoints)]
+    if args.also_without and variants[0] != (None, False):
+        variants.insert(0, (None, False))
+    points = [(m, v, w, s) for m in args.methods for v in variants for w in args.ranks for s in lengths]
+    for method, (tiled_mlp, offload), world, seq_len in points:
         opts = {"method": method, "checkpointing": args.checkpointing, "real_compute": args.real_compute,
                 "loss_chunk_size": (args.loss_chunk_size if args.loss_chunk_size == "auto"
-                                    else int(args.loss_chunk_size))}
+                                    else int(args.loss_chunk_size)),
+                "tiled_mlp": tiled_mlp, "offload_checkpoints": offload}
         row = summarise(world, seq_len, run_measurement(world, seq_len, opts), opts)
         rows.append(row)
-        print(f"{method} P={world} S={seq_len}: peak {row['peak_bytes'] / GIB:.2f} GiB, "
+        print(f"{method} ({options_label(row)}) P={world} S={seq_len}: peak {row['peak_bytes'] / GIB:.2f} GiB, "
               f"fixed {row['fixed_bytes'] / GIB:.2f}"
               f", checkpointed {row['checkpointed_bytes'] / GIB:.2f}, recompute {row['recompute_bytes'] / GIB:.2f}"
               f", attention {row['attention_bytes'] / GIB:.3f}, loss {row['loss_bytes'] / GIB:.2f} "

@@ -25,12 +25,17 @@ recomputed in backward, never both, so
 * **checkpointed activations**, per token: ``--checkpointing full`` keeps each layer's input, ``L·E·b``, plus the
   final hidden states, their norm and the embedding output (``3·E·b``) and the RoPE cos/sin (``2·D·4``);
   ``remat`` adds each layer's attention output and its log-sum-exp (``L·(H·D·b + H·4)``); ``none`` keeps every
-  layer's whole working set (``L`` × the layer term below).
+  layer's whole working set (``L`` × the layer term below; with ``--tiled-mlp`` without its MLP-sized rows).
+  ``--offload-checkpoints`` moves the ``L·E·b`` layer inputs to host memory (``host_offload``, not counted in the
+  peak) and brings one back for the layer being recomputed (``E·b`` more in the layer term); with ``--cpu`` it
+  changes nothing, the inputs already being in host memory.
 * **one layer's recompute working set**, per token: what one decoder layer holds while it is recomputed and
   differentiated, ``b·(C_E·E + C_F·F)`` (norm outputs, q/k/v before and after RoPE, attention output, residuals:
-  ``C_E`` hidden-sized rows; gate, up, SiLU, product and their gradients: ``C_F`` MLP-sized rows), plus the
-  attention buffers of the method: ring, zigzag, stripe and dist_flash_attn hold the received and the next K/V
-  block (``4·H_kv·D·b``) and float32 accumulators for the output, dQ and the travelling dK/dV
+  ``C_E`` hidden-sized rows; gate, up, SiLU, product and their gradients: ``C_F`` MLP-sized rows, over one tile of
+  ``--tiled-mlp`` tokens instead of every local token with the tiled MLP: ``mlp_intermediate``), or the attention
+  phase, ``C_ATTN_E`` hidden-sized rows plus the attention buffers of the method: ring, zigzag, stripe and
+  dist_flash_attn hold the received and the next K/V block (``4·H_kv·D·b``) and float32 accumulators for the
+  output, dQ and the travelling dK/dV
   (``(2·H·D + 4·H_kv·D)·4``); Ulysses holds its all-to-all copies of q, k, v and the output over the whole
   sequence for ``H/U`` heads (``2·(2·H·D + 2·max(H_kv, U)·D)·b``); data_parallel holds the kernel's output and LSE.
   The constants ``C_E``, ``C_F`` and the attention terms are the ones ``benchmarks/memory_scaling.py`` measures on
@@ -58,6 +63,7 @@ from typing import Dict, Optional
 
 from .cli import Parser, float_range, int_range
 from .loss import resolve_loss_chunk_size
+from .tiling import resolve_tile_size
 
 __all__ = ["ModelShape", "PRESETS", "load_shape", "Plan", "breakdown", "max_seq_length", "main"]
 
@@ -169,12 +175,21 @@ class Plan:
     dtype: str = "bfloat16"
     batch_size: int = 1
     cpu: bool = False
+    tiled_mlp: object = None  # None (off), "auto" (tiles of hidden_size tokens) or a tile size in tokens
+    offload_checkpoints: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise PlanError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.checkpointing not in ("full", "remat", "none"):
             raise PlanError(f"unknown checkpointing {self.checkpointing!r}: choose full, remat or none")
+        if self.tiled_mlp is not None:
+            try:
+                self.tiled_mlp = resolve_tile_size(self.tiled_mlp, self.shape.hidden_size)
+            except ValueError as err:
+                raise PlanError(str(err)) from None
+        if self.offload_checkpoints and self.checkpointing == "none":
+            raise PlanError("--offload-checkpoints needs --checkpointing full or remat")
         if self.dtype not in DTYPE_BYTES:
             raise PlanError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPE_BYTES)}")
         if self.sp_size is None:
@@ -251,14 +266,25 @@ def breakdown(plan: Plan, seq_length: int) -> Dict[str, float]:
     s = plan.batch_size * seq_length / plan.sp_size
     out = _fixed(plan)
     fixed = sum(out.values())
-    mlp_per_token = b * (C_E * m.hidden_size + C_F * m.intermediate_size)
+    # The MLP phase: hidden-sized rows over every local token, and MLP-sized rows over every local token, or over
+    # one tile with the tiled MLP (easy_context.tiling: the intermediate is recomputed tile by tile in backward).
+    mlp_rows = min(s, plan.tiled_mlp) if plan.tiled_mlp else s
+    mlp_intermediate = mlp_rows * b * C_F * m.intermediate_size
+    mlp_phase = s * b * C_E * m.hidden_size + mlp_intermediate
     attention = s * _attention_per_token(plan)
-    checkpointed = s * ((m.num_hidden_layers + 3) * m.hidden_size * b + 2 * m.d * 4)
+    layer_inputs = s * m.num_hidden_layers * m.hidden_size * b
+    checkpointed = s * (3 * m.hidden_size * b + 2 * m.d * 4) + layer_inputs
     if plan.checkpointing == "remat":
         checkpointed += s * m.num_hidden_layers * (m.num_attention_heads * m.d * b + m.num_attention_heads * 4)
-    elif plan.checkpointing == "none":
-        checkpointed += s * m.num_hidden_layers * mlp_per_token
-    layer = max(s * mlp_per_token, s * C_ATTN_E * m.hidden_size * b + attention)
+    elif plan.checkpointing == "none":  # every layer keeps its working set; a tiled MLP keeps only its input
+        kept = 0 if plan.tiled_mlp else mlp_intermediate
+        checkpointed += m.num_hidden_layers * (s * b * C_E * m.hidden_size + kept)
+    host_offload = 0.0
+    recompute_input = 0.0
+    if plan.offload_checkpoints and not plan.cpu:  # on a CPU run the layer inputs already are in host memory
+        host_offload, checkpointed = layer_inputs, checkpointed - layer_inputs
+        recompute_input = s * m.hidden_size * b  # the recomputed layer's input, copied back for its backward
+    layer = max(mlp_phase, s * C_ATTN_E * m.hidden_size * b + attention) + recompute_input
     chunk = loss_chunk(plan, int(s))
     row = chunk * m.vocab_size * 4  # one float32 row of logits (or their log-softmax, or a gradient) per token
     head_grad = m.vocab_size * m.hidden_size * b
@@ -266,7 +292,8 @@ def breakdown(plan: Plan, seq_length: int) -> Dict[str, float]:
         + 2 * s * m.hidden_size * b
     reserve = 0.0 if plan.cpu else GPU_RESERVE_FIXED + GPU_RESERVE_FRACTION * plan.gpu_memory_gb * GB
     out.update(fixed=fixed, checkpointed=checkpointed, layer_recompute=layer, attention_buffers=attention,
-               loss=loss, loss_chunk_size=chunk, reserve=reserve)
+               mlp_intermediate=mlp_intermediate, loss=loss, loss_chunk_size=chunk, reserve=reserve,
+               host_offload=host_offload, mlp_tile=plan.tiled_mlp or 0)
     out["total"] = fixed + checkpointed + max(loss, layer) + reserve
     return out
 
@@ -332,6 +359,12 @@ def main(argv=None) -> int:
     parser.add_argument("--offload-optimizer", action="store_true", help="optimizer state and step on the host")
     parser.add_argument("--offload-params", action="store_true", help="ZeRO-3 parameters on the host")
     parser.add_argument("--checkpointing", choices=["full", "remat", "none"], default="full")
+    parser.add_argument("--tiled-mlp", nargs="?", const="auto", default=None, metavar="N",
+                        help="each MLP over sequence tiles of N tokens (alone: the hidden size), as train.py "
+                             "--tiled-mlp: the MLP's intermediate is held for one tile instead of every local token")
+    parser.add_argument("--offload-checkpoints", action="store_true",
+                        help="the checkpointed layer inputs in host memory, as train.py --offload-checkpoints "
+                             "(no effect with --cpu, where they already are)")
     parser.add_argument("--loss-chunk-size", default="4096", help="tokens per loss chunk, 'auto' or 'full'")
     parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bfloat16")
     parser.add_argument("--batch-size", type=int_range(1), default=1, help="sequences per replica")
@@ -353,16 +386,24 @@ def main(argv=None) -> int:
         chunk = int(chunk)
     if args.offload_params and args.zero != 3:
         parser.error("argument --offload-params: needs --zero 3")
+    tile = args.tiled_mlp
+    if tile not in (None, "auto"):
+        if not tile.isdigit() or int(tile) < 1:
+            parser.error(f"argument --tiled-mlp: expected a positive integer (tokens per tile), or nothing for the "
+                         f"hidden size, got {tile!r}")
+        tile = int(tile)
+    memory_options = dict(tiled_mlp=tile, offload_checkpoints=args.offload_checkpoints)
     if args.table:
         print(capacity_table(gpu_memory_gb=args.gpu_memory, zero=args.zero, offload_optimizer=args.offload_optimizer,
                              offload_params=args.offload_params, checkpointing=args.checkpointing,
-                             loss_chunk_size=chunk, dtype=args.dtype, batch_size=args.batch_size))
+                             loss_chunk_size=chunk, dtype=args.dtype, batch_size=args.batch_size,
+                             **memory_options))
         return 0
     try:
         plan = Plan(load_shape(args.model), gpus=args.gpus, gpu_memory_gb=args.gpu_memory, method=args.method,
                     sp_size=args.sp_size, zero=args.zero, offload_optimizer=args.offload_optimizer,
                     offload_params=args.offload_params, checkpointing=args.checkpointing, loss_chunk_size=chunk,
-                    dtype=args.dtype, batch_size=args.batch_size, cpu=args.cpu)
+                    dtype=args.dtype, batch_size=args.batch_size, cpu=args.cpu, **memory_options)
     except PlanError as err:
         parser.error(str(err))
     longest = max_seq_length(plan)
@@ -378,11 +419,18 @@ def main(argv=None) -> int:
           f"{plan.gpu_memory_gb:g} GB, {plan.method}, sp size {plan.sp_size}, ZeRO-{plan.zero}"
           f"{', optimizer offload' if plan.offload_optimizer else ''}"
           f"{', parameter offload' if plan.offload_params else ''}"
-          f", checkpointing {plan.checkpointing}, {plan.dtype}{' (CPU)' if plan.cpu else ''}")
+          f", checkpointing {plan.checkpointing}"
+          f"{f', tiled MLP ({plan.tiled_mlp}-token tiles)' if plan.tiled_mlp else ''}"
+          f"{', checkpoint offload' if plan.offload_checkpoints else ''}, {plan.dtype}{' (CPU)' if plan.cpu else ''}")
     print(f"per GPU at {at:,} tokens per sequence ({at * plan.batch_size // plan.sp_size:,} tokens per GPU):")
-    for key in ("weights", "gradients", "optimizer", "checkpointed", "layer_recompute", "attention_buffers", "loss",
-                "reserve"):
+    for key in ("weights", "gradients", "optimizer", "checkpointed", "layer_recompute", "attention_buffers",
+                "mlp_intermediate", "loss", "reserve", "host_offload"):
+        if key == "host_offload" and not plan.offload_checkpoints:
+            continue
         note = {"attention_buffers": "  (part of layer_recompute)",
+                "mlp_intermediate": "  (part of layer_recompute" + (f", one {plan.tiled_mlp}-token tile)"
+                                                                     if plan.tiled_mlp else ")"),
+                "host_offload": "  (host memory, not on the GPU)",
                 "loss": f"  (chunk of {parts['loss_chunk_size']:,} tokens)"}.get(key, "")
         print(f"  {key:18s}{_human(parts[key])}{note}")
     print(f"  {'peak':18s}{_human(parts['total'])}  = fixed + checkpointed + max(loss, layer_recompute) + reserve"

@@ -45,6 +45,8 @@ def test_help_and_bad_input():
     run = [sys.executable, str(ROOT / "benchmarks" / "memory_scaling.py")]
     proc = subprocess.run(run + ["--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "default:" in proc.stdout and "--loss-chunk-size" in proc.stdout
-    for bad in (["--lengths", "0"], ["--loss-chunk-size", "many"]):
+    assert "--tiled-mlp" in proc.stdout and "--offload-checkpoints" in proc.stdout
+    for bad in (["--lengths", "0"], ["--loss-chunk-size", "many"], ["--tiled-mlp", "0"],
+                ["--checkpointing", "none", "--offload-checkpoints"]):
         proc = subprocess.run(run + bad, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr

@@ -104,3 +104,48 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, words):
     proc = run_plan(*args)
     assert proc.returncode == 2 and proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert words in proc.stderr
+
+
+def test_tiled_mlp_and_checkpoint_offload_lower_the_peak_by_their_terms():
+    """Each option removes its term from the per-GPU peak and lengthens the longest sequence. data_parallel on
+    Llama-3-8B at 128K tokens per GPU: the MLP phase sets one layer's recompute term with and without the options,
+    and the layer term sets the peak (above the loss), so the peak falls by exactly the term."""
+    import dataclasses
+
+    s, e, f, layers = 131072, 4096, 14336, 32
+    plan = published_plan("llama-3-8b", 8, method="data_parallel", sp_size=1, loss_chunk_size=1024)
+    plain = P.breakdown(plan, s)
+    tiled_plan = dataclasses.replace(plan, tiled_mlp="auto")
+    tiled = P.breakdown(tiled_plan, s)
+    assert tiled_plan.tiled_mlp == tiled["mlp_tile"] == e  # default tile: the hidden size
+    term = (s - e) * 2 * P.C_F * f  # the MLP's intermediate over every token but one tile, bf16
+    assert plain["mlp_intermediate"] - tiled["mlp_intermediate"] == pytest.approx(term)
+    assert tiled["layer_recompute"] > tiled["loss"]
+    assert plain["total"] - tiled["total"] == pytest.approx(term)
+    assert P.max_seq_length(tiled_plan) > 1.4 * P.max_seq_length(plan)
+
+    offload_plan = dataclasses.replace(plan, offload_checkpoints=True)
+    offload = P.breakdown(offload_plan, s)
+    inputs = s * layers * e * 2  # every layer's input, bf16
+    assert offload["host_offload"] == inputs and plain["checkpointed"] - offload["checkpointed"] == inputs
+    # the recomputed layer's input comes back to the GPU for its backward
+    assert plain["total"] - offload["total"] == pytest.approx(inputs - s * e * 2)
+    assert P.max_seq_length(offload_plan) > 1.5 * P.max_seq_length(plan)
+
+    cpu = published_plan("smollm2-135m", 1, cpu=True)  # a CPU run: the inputs already are in host memory
+    assert P.breakdown(dataclasses.replace(cpu, offload_checkpoints=True), 8192)["total"] == \
+        P.breakdown(cpu, 8192)["total"]
+
+
+def test_cli_memory_options():
+    proc = run_plan("--model", "llama-2-7b", "--tiled-mlp", "--offload-checkpoints", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["plan"]["tiled_mlp"] == 4096 and out["plan"]["offload_checkpoints"] is True
+    assert out["breakdown_bytes"]["host_offload"] > 0
+    plain = json.loads(run_plan("--model", "llama-2-7b", "--json").stdout)
+    assert out["max_seq_length"] > plain["max_seq_length"]
+    for args, words in ((["--tiled-mlp", "0"], "--tiled-mlp"), (["--checkpointing", "none", "--offload-checkpoints"],
+                                                               "--checkpointing full or remat")):
+        proc = run_plan("--model", "llama-2-7b", *args)
+        assert proc.returncode == 2 and proc.stderr.count("error:") == 1 and words in proc.stderr, proc.stderr
