@@ -46,3 +46,64 @@ def proc_status(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _rank_main(rank, world, port, threads, timeout, fn, args, results):
+    import datetime
+    import os
+    import traceback
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
+        results.put((rank, True, fn(rank, world, *args)))
+    except BaseException:  # noqa: BLE001 - every failure goes back to the parent
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_on_ranks(fn, world: int, *args, threads: int = 0, timeout: float = 3600.0, what: str = "") -> list:
+    """``[fn(0, world, *args), ..., fn(world - 1, world, *args)]``, each in a fresh process of one gloo group.
+
+    ``fn`` must be a module-level function (the processes are spawned). ``threads`` sets each process's torch
+    threads (0: torch's default). A failure on any rank raises here with that rank's traceback; no result within
+    ``timeout`` seconds raises ``TimeoutError``. ``what`` names the measurement in those errors.
+    """
+    import queue
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, threads, timeout, fn, args, results), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    out, deadline = {}, time.monotonic() + timeout
+    try:
+        while len(out) < world:
+            try:
+                rank, ok, value = results.get(timeout=max(1.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"{what or fn.__name__}: no result from {world} ranks in {timeout:.0f} s") from None
+            if not ok:
+                raise RuntimeError(f"{what or fn.__name__}: rank {rank} of {world} failed:\n{value}")
+            out[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+    return [out[r] for r in range(world)]
