@@ -13,6 +13,8 @@ from easy_context import plan as P
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 MEASURED = ROOT / "benchmarks" / "results" / "memory_scaling.json"
+# benchmarks/memory_scaling.py --ranks 1 --lengths 8192 (and 32768) --tiled-mlp --also-without
+MEASURED_OPTIONS = ROOT / "benchmarks" / "results" / "memory_scaling_options.json"
 
 
 @pytest.mark.parametrize("name, params", [
@@ -57,13 +59,22 @@ def test_more_gpus_and_sequence_parallelism_lengthen_the_context():
 def _measured_rows():
     rows = json.loads(MEASURED.read_text())
     assert {r["ranks"] for r in rows} >= {1, 2, 4} and len({r["seq_len"] for r in rows}) >= 3
-    return rows
+    options = json.loads(MEASURED_OPTIONS.read_text())
+    assert {r["tiled_mlp"] for r in options} == {None, 576}
+    return rows + options
 
 
-@pytest.mark.parametrize("row", _measured_rows(), ids=lambda r: f"P{r['ranks']}-{r['seq_len']}-{r['loss_chunk_size']}")
+def _row_id(row):
+    return f"P{row['ranks']}-{row['seq_len']}-{row['loss_chunk_size']}" + \
+        (f"-tiled{row['tiled_mlp']}" if row.get("tiled_mlp") else "") + \
+        ("-offload" if row.get("offload_checkpoints") else "")
+
+
+@pytest.mark.parametrize("row", _measured_rows(), ids=_row_id)
 def test_cpu_mode_predicts_the_measured_peak_within_15_percent(row):
     plan = P.Plan(P.PRESETS["smollm2-135m"], gpus=row["ranks"], method=row["method"], cpu=True,
-                  checkpointing=row["checkpointing"], loss_chunk_size=row["loss_chunk_size"])
+                  checkpointing=row["checkpointing"], loss_chunk_size=row["loss_chunk_size"],
+                  tiled_mlp=row.get("tiled_mlp"), offload_checkpoints=bool(row.get("offload_checkpoints")))
     got = P.breakdown(plan, row["seq_len"])
     assert got["fixed"] == pytest.approx(row["fixed_bytes"], rel=0.02)
     assert got["total"] == pytest.approx(row["peak_bytes"], rel=0.15)
