@@ -318,3 +318,23 @@ def test_work_is_the_documents_own(method):
         assert max(one) >= 1.7 * sum(one) / 4, one
     else:
         assert max(one) <= 1.1 * sum(one) / 4, one
+
+
+def test_benchmark_script_at_a_small_size(tmp_path):
+    """benchmarks/packed_documents.py at 256 tokens on 2 ranks: one row per method that takes documents, both runs
+    timed, and 16 documents computing 1/16 of one document's query-key pairs (stripe a little less: it counts each
+    of its causal pieces of n rows as n²/2)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import packed_documents
+
+    path = tmp_path / "rows.json"
+    packed_documents.main(["--length", "256", "--repeats", "1", "--json", str(path)])
+    rows = json.loads(path.read_text())
+    assert [r["method"] for r in rows] == METHODS
+    for r in rows:
+        assert r["documents_s"] > 0 and r["one_document_s"] > 0, r
+        assert 0.05 <= r["work_ratio"] <= 1 / 16, r
