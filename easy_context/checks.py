@@ -196,14 +196,12 @@ def check_shards(method, layout, group, rank: int, world_size: int, query: torch
             f"{method} over {world_size} ranks: the ranks' positions do not make one sequence of packed documents "
             "(positions count up by one and restart at 0 at each document): a wrong rank or world size, input that "
             "was not sharded, or local positions instead of global ones: " + _FIX)
-    seen = {}
-    for r, (shard, row) in enumerate(zip(shards, table)):
-        key = (tuple(shard.flatten().tolist()), row[4])
-        if key in seen:
-            raise ShardMismatch(
-                f"{method} over {world_size} ranks: ranks {seen[key]} and {r} hold the same shard (the same positions "
-                "and the same tokens), so the sequence they make is not the one that was sharded: " + _FIX)
-        seen[key] = r
+    for r in range(world_size):
+        for first in range(r):
+            if table[first][4] == table[r][4] and torch.equal(shards[first], shards[r]):
+                raise ShardMismatch(
+                    f"{method} over {world_size} ranks: ranks {first} and {r} hold the same shard (the same positions "
+                    "and the same tokens), so the sequence they make is not the one that was sharded: " + _FIX)
     ids = document_ids(full)
     return ids[0] if bool((ids == ids[:1]).all()) else ids
 
