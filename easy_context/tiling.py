@@ -120,7 +120,9 @@ def _make_tiled_forward(mlp: torch.nn.Module, original: Callable) -> Callable:
         if not torch.is_grad_enabled() or not (x.requires_grad or params):
             with torch.no_grad():
                 return _tiles_forward(original, x, tile)
-        return _TiledMLP.apply(original, tile, x, *params)
+        if any(hasattr(p, "ds_id") for p in params):  # DeepSpeed ZeRO-3 partitions: see _TiledMLP.backward
+            return _TiledMLP.apply(original, tile, params, x)
+        return _TiledMLP.apply(original, tile, None, x, *params)
 
     forward.tiled_mlp = True
     return forward
@@ -152,8 +154,8 @@ class _TiledMLP(torch.autograd.Function):
     """``fn(x)`` over sequence tiles; backward recomputes each tile and differentiates it alone."""
 
     @staticmethod
-    def forward(ctx, fn, tile, x, *params):
-        ctx.fn, ctx.tile, ctx.params = fn, tile, params
+    def forward(ctx, fn, tile, zero3_params, x, *params):
+        ctx.fn, ctx.tile, ctx.params, ctx.zero3_params = fn, tile, params, zero3_params
         device = x.device.type
         ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) \
             if torch.amp.is_autocast_available(device) else None
@@ -165,13 +167,15 @@ class _TiledMLP(torch.autograd.Function):
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         params, dim = ctx.params, x.dim() - 2
-        need_x = ctx.needs_input_grad[2]
-        wanted = [i for i, need in enumerate(ctx.needs_input_grad[3:]) if need]
+        need_x = ctx.needs_input_grad[3]
+        wanted = [i for i, need in enumerate(ctx.needs_input_grad[4:]) if need]
         grad_x = torch.empty_like(x) if need_x else None
         sums: List[Optional[torch.Tensor]] = [None] * len(params)
         device = x.device.type
         autocast = torch.autocast(device, dtype=ctx.autocast[1], enabled=ctx.autocast[0]) \
             if ctx.autocast is not None else torch.autocast(device, enabled=False)
+        if ctx.zero3_params is not None:
+            return (None, None, None, _zero3_backward(ctx, x, grad_out, grad_x, autocast))
         for start, size in _tiles(x.shape[dim], ctx.tile):
             x_tile = x.narrow(dim, start, size).detach().requires_grad_(need_x)
             with torch.enable_grad(), autocast:
@@ -190,4 +194,28 @@ class _TiledMLP(torch.autograd.Function):
                 else:
                     sums[i].add_(g)
         param_grads = [s.to(p.dtype) if s is not None else None for s, p in zip(sums, params)]
-        return (None, None, grad_x, *param_grads)
+        return (None, None, None, grad_x, *param_grads)
+
+
+def _zero3_backward(ctx, x, grad_out, grad_x, autocast):
+    """The tiled backward under DeepSpeed ZeRO-3, whose partitioned parameters cannot be inputs of ``autograd.grad``
+    nor outputs of this Function: each tile's parameter gradients go to ``.grad`` through DeepSpeed's own hooks
+    (``torch.autograd.backward``), which add them to the reduction bucket only after the last tile
+    (``ds_grad_is_ready``, as DeepSpeed's own TiledMLP does). Returns the input's gradient."""
+    dim = x.dim() - 2
+    tiles = list(_tiles(x.shape[dim], ctx.tile))
+    try:
+        for k, (start, size) in enumerate(tiles):
+            for p in ctx.zero3_params:
+                p.ds_grad_is_ready = k == len(tiles) - 1
+            x_tile = x.narrow(dim, start, size).detach().requires_grad_(grad_x is not None)
+            with torch.enable_grad(), autocast:
+                y = ctx.fn(x_tile)
+            torch.autograd.backward(y, grad_out.narrow(dim, start, size))
+            del y
+            if grad_x is not None:
+                grad_x.narrow(dim, start, size).copy_(x_tile.grad)
+    finally:
+        for p in ctx.zero3_params:
+            p.ds_grad_is_ready = True
+    return grad_x
