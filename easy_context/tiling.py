@@ -24,6 +24,8 @@ attribute; the class, the weights and ``state_dict`` keys are untouched) with on
   for the tile's input and the MLP's parameters; input gradients are written into one tensor, parameter gradients
   are summed over the tiles (in float32 for 16-bit parameters) and returned to autograd, which accumulates them into
   ``.grad`` as for any other operation (so gradient hooks, DDP and gradient accumulation see ordinary gradients).
+  Under DeepSpeed ZeRO-3 (partitioned parameters) each tile's parameter gradients go to ``.grad`` through
+  DeepSpeed's hooks instead, held back from its reduction until the last tile (``ds_grad_is_ready``).
 
 Results. Each output row and each input-gradient row is computed from its own token, as in the plain MLP; the
 parameter gradients are the same sums over tokens, added in another order. In float32 the loss and every gradient
