@@ -20,7 +20,7 @@ from reference import BF16_TOL, DIFFERS, FP32_TOL, MODEL_TOL, reference_attentio
 from tiny_models import rope_config_kwargs
 
 from easy_context import apply_seq_parallel_monkey_patch, get_method, replace_with_chunkllama
-from easy_context.methods.dca import DCAConfig, dca_plan, dual_chunk_attention
+from easy_context.methods.dca import DCAConfig, dca_plan, dual_chunk_attention, rotated_key_bytes
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -382,6 +382,96 @@ def test_generate_matches_full_forward(family):
     for t, scores in enumerate(gen.scores):
         assert (scores[0] - full[n - 1 + t]).abs().max().item() <= MODEL_TOL
         assert int(gen.sequences[0, n + t]) == int(full[n - 1 + t].argmax())
+
+
+# Decoding with the rotated keys kept in per-layer state (cache_rotated_keys=True, the default) against the path that
+# re-rotates every cached key at every step (cache_rotated_keys=False).
+FAST_DECODE_CASES = [("llama", "default"), ("mistral", "default"), ("qwen2", "default"), ("llama", "linear"),
+                     ("llama", "yarn"), ("llama", "llama3"), ("qwen2", "yarn")]
+SMALL_CHUNKS = dict(pretraining_length=L_TINY, chunk_size=16, local_window=4)  # boundaries every 16 tokens
+
+
+def _generate(model, prompt, reuse, new_tokens=40, **options):
+    from transformers import DynamicCache
+
+    apply_seq_parallel_monkey_patch("dca", model, cache_rotated_keys=reuse, **{**SMALL_CHUNKS, **options})
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        gen = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True, past_key_values=cache)
+    return gen, cache
+
+
+@pytest.mark.parametrize("family,rope", FAST_DECODE_CASES)
+def test_fast_decode_equals_rerotating_path(family, rope):
+    model = tiny_model(family, ROPES[rope], max_position_embeddings=_max_positions(rope))
+    model.generation_config.pad_token_id = 0
+    prompt = _ids(30, seed=6)  # 30 prompt + 40 new tokens: chunk boundaries at 32, 48 and 64
+    slow, slow_cache = _generate(model, prompt, reuse=False)
+    fast, fast_cache = _generate(model, prompt, reuse=True)
+    assert rotated_key_bytes(slow_cache) == 0  # the re-rotating path keeps nothing
+    key_bytes = sum(layer.keys.numel() * layer.keys.element_size() for layer in fast_cache.layers)
+    assert key_bytes <= rotated_key_bytes(fast_cache) <= key_bytes * 17 // 16 + 2 * 16 * 2 * 16 * 4  # + headroom
+    assert torch.equal(fast.sequences, slow.sequences)
+    worst = max((a - b).abs().max().item() for a, b in zip(fast.scores, slow.scores))
+    assert worst <= 1e-6, worst
+    # and both equal one full forward over the generated sequence
+    with torch.no_grad():
+        full = model(fast.sequences).logits[0]
+    n = prompt.shape[1]
+    assert max((sc[0] - full[n - 1 + t]).abs().max().item() for t, sc in enumerate(fast.scores)) <= MODEL_TOL
+
+
+def test_fast_decode_state_is_recomputed_after_crop_and_new_caches():
+    """A cropped cache, a second cache and a second model never reuse rotated keys that are not theirs."""
+    from transformers import DynamicCache
+
+    model, other = tiny_model("llama"), tiny_model("llama", seed=1)
+    for m in (model, other):
+        apply_seq_parallel_monkey_patch("dca", m, **SMALL_CHUNKS)
+    ids, ids2 = _ids(80, seed=7), _ids(80, seed=8)
+    with torch.no_grad():
+        full, full2, full_other = model(ids).logits, model(ids2).logits, other(ids).logits
+        cache, cache2, cache_other = (DynamicCache(config=model.config) for _ in range(3))
+        model(ids[:, :30], past_key_values=cache, use_cache=True)
+        model(ids2[:, :20], past_key_values=cache2, use_cache=True)
+        other(ids[:, :25], past_key_values=cache_other, use_cache=True)
+        errs = []
+        for pos in range(30, 60):  # interleave three caches and two models step by step
+            errs.append((model(ids[:, pos:pos + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+                         - full[0, pos]).abs().max().item())
+            p2 = pos - 10
+            errs.append((model(ids2[:, p2:p2 + 1], past_key_values=cache2, use_cache=True).logits[0, -1]
+                         - full2[0, p2]).abs().max().item())
+            p3 = pos - 5
+            errs.append((other(ids[:, p3:p3 + 1], past_key_values=cache_other, use_cache=True).logits[0, -1]
+                         - full_other[0, p3]).abs().max().item())
+        assert rotated_key_bytes(cache) > 0 and rotated_key_bytes(cache2) > 0
+        # back to 35 tokens (speculative decoding does this), then other tokens, a block past the old length first
+        cache.crop(-25)
+        spliced = torch.cat([ids[:, :35], ids2[:, 35:]], dim=1)
+        full_spliced = model(spliced).logits
+        out = model(spliced[:, 35:65], past_key_values=cache, use_cache=True).logits
+        errs.append((out - full_spliced[:, 35:65]).abs().max().item())
+        for pos in range(65, 80):
+            errs.append((model(spliced[:, pos:pos + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+                         - full_spliced[0, pos]).abs().max().item())
+    assert max(errs) <= MODEL_TOL
+
+
+def test_fast_decode_beam_search_matches_rerotating_path():
+    """Beam search reorders the cache at every step; the rotated keys are recomputed then, so beams stay right."""
+    model = tiny_model("qwen2")
+    model.generation_config.pad_token_id = 0
+    prompt = _ids(30, seed=9)
+    outs = []
+    for reuse in (False, True):
+        apply_seq_parallel_monkey_patch("dca", model, cache_rotated_keys=reuse, **SMALL_CHUNKS)
+        with torch.no_grad():
+            outs.append(model.generate(prompt, max_new_tokens=25, do_sample=False, num_beams=3, num_return_sequences=3,
+                                       output_scores=True, return_dict_in_generate=True))
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    assert torch.allclose(outs[0].sequences_scores, outs[1].sequences_scores, atol=1e-6, rtol=0)
 
 
 def test_family_name_patch_and_chunkllama_alias():

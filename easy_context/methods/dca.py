@@ -44,6 +44,13 @@ with :func:`easy_context.kernels.merge`. Memory is linear in the sequence length
 :class:`DualChunkAttention` is an autograd Function whose backward runs :func:`block_attention_backward` per block
 with the final merged ``(out, lse)``, so gradients are exact; the re-rotations are ordinary differentiable tensor
 operations outside it.
+
+Decoding with a KV cache. A key's DCA position ``j % s`` depends on its own index only, so its DCA-rotated copy never
+changes once the key is in the cache. With ``cache_rotated_keys=True`` (the default) each attention layer keeps the
+rotated keys of the ``DynamicCache`` it is decoding with (:class:`_RotatedKeys`, one more K-sized tensor per layer),
+rotates only the keys that enter the cache at each step, and reuses the rest; queries still get their three rotations.
+The state is keyed by the cache object and the attention module and is recomputed whenever the cache's key tensor is
+not the one the layer saw last (a new cache, a cropped or reordered one, beam search), so it can never go stale.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ __all__ = [
     "DualChunkAttention",
     "dca_attention_forward",
     "dca_hf_attention",
+    "rotated_key_bytes",
 ]
 
 # Query position schemes (index into the tuple of rotated query variants).
@@ -239,6 +247,12 @@ def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torc
     return head if rot_dim == x.shape[-1] else torch.cat((head, x[..., rot_dim:]), dim=-1)
 
 
+def rotate_keys(k: torch.Tensor, start: int, inv_freq: torch.Tensor, config: DCAConfig) -> torch.Tensor:
+    """Rotate keys ``k`` ``(B, H, S, D)`` at true positions ``start .. start + S - 1`` to their DCA key positions."""
+    pos = torch.arange(start, start + k.shape[2], device=k.device)
+    return rotate(k, config.key_positions(pos) - pos, inv_freq)
+
+
 def dual_chunk_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -248,12 +262,15 @@ def dual_chunk_attention(
     *,
     scale: Optional[float] = None,
     backend: Optional[str] = None,
+    k_dca: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Causal Dual Chunk Attention. Returns ``(out (B, H, Sq, D), lse (B, H, Sq) float32)``; differentiable.
 
     ``k``/``v`` are ``(B, H_kv, Skv, D)`` for the tokens at positions ``0 .. Skv-1``, ``q`` ``(B, H, Sq, D)`` for the
     last ``Sq`` of them (``Sq == Skv`` in a plain forward, ``Sq < Skv`` with a KV cache). ``q`` and ``k`` are rotated
     by RoPE (frequencies ``inv_freq``) at those true positions, as transformers' attention functions receive them.
+    ``k_dca``, when given, is ``k`` already rotated to the DCA key positions (:meth:`DCAConfig.key_positions`), as
+    kept across decoding steps; ``k`` is then not rotated again.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"dual_chunk_attention takes 4-D (B, H, S, D) tensors, got {tuple(q.shape)}, {tuple(k.shape)}")
@@ -264,12 +281,14 @@ def dual_chunk_attention(
     q_start = kv_len - q_len
     device = q.device
     q_pos = torch.arange(q_start, kv_len, device=device)
-    k_pos = torch.arange(kv_len, device=device)
     # Shifts t - p from the true position p to each DCA position t (see the table in the module docstring).
     q_intra = rotate(q, config.intra_positions(q_pos) - q_pos, inv_freq)
     q_succ = rotate(q, config.successive_positions(q_pos) - q_pos, inv_freq)
     q_inter = rotate(q, config.inter_positions(q_pos) - q_pos, inv_freq)
-    k_dca = rotate(k, config.key_positions(k_pos) - k_pos, inv_freq)
+    if k_dca is None:
+        k_dca = rotate_keys(k, 0, inv_freq, config)
+    elif k_dca.shape != k.shape:
+        raise ValueError(f"k_dca has shape {tuple(k_dca.shape)}, the keys {tuple(k.shape)}")
     plan = dca_plan(q_start, q_len, config.chunk_size)
     return DualChunkAttention.apply(q_intra, q_succ, q_inter, k_dca, v.contiguous(), plan, scale, backend)
 
@@ -280,6 +299,119 @@ def dual_chunk_attention(
 class _ModelState(NamedTuple):
     config: DCAConfig
     rotary: "weakref.ref[torch.nn.Module]"  # the model's rotary embedding (its inv_freq is read at every call)
+    cache_rotated_keys: bool = True
+
+
+class _RotatedKeys:
+    """One attention layer's DCA-rotated copy of the keys in one KV cache, grown as keys enter the cache.
+
+    ``buffer[:, :, :length]`` holds the keys at positions ``0 .. length-1`` rotated to their DCA key positions;
+    ``seen`` is the cache's key tensor they were computed from. The buffer keeps a little headroom (1/16 of its
+    length plus 16 rows) so that a decoding step writes one row instead of copying the whole tensor.
+    """
+
+    __slots__ = ("buffer", "length", "seen", "inv_freq", "config")
+
+    def __init__(self, rotated: torch.Tensor, seen: torch.Tensor, inv_freq: torch.Tensor, config: DCAConfig):
+        self.buffer = self._allocate(rotated, rotated.shape[2])
+        self.buffer[:, :, : rotated.shape[2]] = rotated
+        self.length = rotated.shape[2]
+        self.seen = weakref.ref(seen)
+        self.inv_freq, self.config = inv_freq, config
+
+    @staticmethod
+    def _allocate(like: torch.Tensor, rows: int) -> torch.Tensor:
+        b, h, _, d = like.shape
+        return torch.empty((b, h, rows + rows // 16 + 16, d), dtype=like.dtype, device=like.device)
+
+    def matches(self, key: torch.Tensor, inv_freq: torch.Tensor, config: DCAConfig) -> bool:
+        """Whether ``key`` (the cache's keys after this step's update) can extend what this state holds; the caller
+        has checked that the cache held, before the update, the very key tensor this state was computed from."""
+        buffer = self.buffer
+        return (inv_freq is self.inv_freq and config == self.config and key.shape[2] > self.length
+                and key.shape[:2] == buffer.shape[:2] and key.shape[3] == buffer.shape[3]
+                and key.dtype == buffer.dtype and key.device == buffer.device)
+
+    def extend(self, key: torch.Tensor) -> torch.Tensor:
+        """Rotate the keys past ``length`` (the ones this step added), append them, return all rotated keys."""
+        start, end = self.length, key.shape[2]
+        new = rotate_keys(key[:, :, start:], start, self.inv_freq, self.config)
+        if end > self.buffer.shape[2]:
+            grown = self._allocate(self.buffer, end)
+            grown[:, :, :start] = self.buffer[:, :, :start]
+            self.buffer = grown
+        self.buffer[:, :, start:end] = new
+        self.length = end
+        self.seen = weakref.ref(key)
+        return self.buffer[:, :, :end]
+
+
+# KV cache -> {attention module -> its _RotatedKeys}. Weak on both levels: a cache that is dropped (the end of a
+# generate() call) frees its rotated keys, and two models or two caches never share an entry.
+_ROTATED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# Attention module -> (cache, whether the cache still holds the key tensor that module's state was computed from) for
+# the call under way. A forward pre-hook records it before the cache is updated, because transformers passes the cache
+# to the attention layer but not to the attention function.
+_PENDING: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_HOOKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _cache_keys_before(cache, layer_idx) -> Optional[torch.Tensor]:
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_idx is None or not 0 <= layer_idx < len(layers):
+        return None
+    keys = getattr(layers[layer_idx], "keys", None)
+    return keys if isinstance(keys, torch.Tensor) else None
+
+
+def _record_cache(module, args, kwargs) -> None:
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None:
+        _PENDING.pop(module, None)
+        return
+    before = _cache_keys_before(cache, getattr(module, "layer_idx", None))
+    try:
+        layers = _ROTATED.get(cache)
+        state = None if layers is None else layers.get(module)
+        same = before is not None and state is not None and state.seen() is before
+        _PENDING[module] = (weakref.ref(cache), same)
+    except TypeError:  # a cache that cannot be weakly referenced: no reuse
+        _PENDING.pop(module, None)
+
+
+def _hook(module) -> None:
+    """Register the pre-hook that tells the attention function which cache (and which of its key tensors) it gets."""
+    if module not in _HOOKED:
+        _HOOKED[module] = module.register_forward_pre_hook(_record_cache, with_kwargs=True)
+
+
+def _rotated_keys(module, key: torch.Tensor, inv_freq: torch.Tensor, config: DCAConfig) -> Optional[torch.Tensor]:
+    """The DCA-rotated keys for ``key`` (the cache's keys after this step), reused from earlier steps when valid.
+
+    Returns ``None`` (rotate everything, keep nothing) when the call has no cache or builds an autograd graph.
+    """
+    pending = _PENDING.pop(module, None)
+    if pending is None or (torch.is_grad_enabled() and key.requires_grad):
+        return None
+    cache = pending[0]()
+    if cache is None:
+        return None
+    layers = _ROTATED.get(cache)
+    if layers is None:
+        layers = weakref.WeakKeyDictionary()
+        _ROTATED[cache] = layers
+    state = layers.get(module)
+    if state is not None and pending[1] and state.matches(key, inv_freq, config):
+        return state.extend(key)
+    rotated = rotate_keys(key, 0, inv_freq, config)
+    layers[module] = _RotatedKeys(rotated, key, inv_freq, config)
+    return rotated
+
+
+def rotated_key_bytes(cache) -> int:
+    """Bytes held by DCA's rotated-key state for ``cache`` (all layers, headroom included); 0 if none."""
+    layers = _ROTATED.get(cache)
+    return 0 if layers is None else sum(s.buffer.numel() * s.buffer.element_size() for s in layers.values())
 
 
 # Every submodule of a patched model -> that model's DCA state. Keyed per model, so patching several models (each
@@ -355,11 +487,12 @@ def dca_attention_forward(options, module, query, key, value, attention_mask, sc
     """transformers ``AttentionInterface`` function for DCA; returns ``((B, S, H, D), None)``."""
     state = _MODEL_STATES.get(module)
     if state is not None:
-        config, rotary = state.config, state.rotary()
+        config, rotary, reuse = state.config, state.rotary(), state.cache_rotated_keys
     else:  # a family-name patch: derive what is needed from the module's config
         length = options.get("pretraining_length") or _default_pretraining_length(module.config)
         config = DCAConfig.create(length, options.get("chunk_size"), options.get("local_window"))
         rotary = _rotary_from_config(module)
+        reuse = options.get("cache_rotated_keys", True)
     if attention_mask is not None:
         raise ValueError(
             "dca cannot apply an explicit attention mask (padding, packed sequences or a custom 4-D mask): it always "
@@ -388,7 +521,11 @@ def dca_attention_forward(options, module, query, key, value, attention_mask, sc
     if rotary is None:
         raise RuntimeError("the model patched with dca has been deleted")
     inv_freq = rotary.inv_freq
-    out, _ = dual_chunk_attention(query, key, value, inv_freq, config, scale=scaling)
+    k_dca = None
+    if reuse:
+        _hook(module)  # normally done when patching; a family-name patch hooks each layer at its first call
+        k_dca = _rotated_keys(module, key, inv_freq, config)
+    out, _ = dual_chunk_attention(query, key, value, inv_freq, config, scale=scaling, k_dca=k_dca)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -398,22 +535,28 @@ _dca_mask = padding_mask_refuser("dca", "run one unpadded sequence per batch row
 
 
 def dca_hf_attention(model=None, *, pretraining_length: Optional[int] = None, chunk_size: Optional[int] = None,
-                     local_window: Optional[int] = None):
+                     local_window: Optional[int] = None, cache_rotated_keys: bool = True):
     """``Method.hf_attention`` factory: ``(attention_fn, mask_fn)`` for transformers.
 
     With a model instance, the options are resolved now (``pretraining_length`` defaults to the config's
     ``original_max_position_embeddings`` or ``max_position_embeddings``) and bound to that model's modules and rotary
     embedding. With ``None`` (a family-name patch) they are resolved per call from each attention module's config.
+    ``cache_rotated_keys=False`` re-rotates every cached key at every decoding step instead of keeping the rotated
+    keys (same results, about the cost of the attention itself per step; see the module docstring).
     """
-    options = {"pretraining_length": pretraining_length, "chunk_size": chunk_size, "local_window": local_window}
+    options = {"pretraining_length": pretraining_length, "chunk_size": chunk_size, "local_window": local_window,
+               "cache_rotated_keys": bool(cache_rotated_keys)}
     if model is not None:
         length = pretraining_length or _default_pretraining_length(model.config)
         config = DCAConfig.create(length, chunk_size, local_window)
         rotary = _find_rotary(model)
         _check_rope_type(str(getattr(rotary, "rope_type", _rope_type(text_config(model.config)))))
-        state = _ModelState(config, weakref.ref(rotary))
+        state = _ModelState(config, weakref.ref(rotary), bool(cache_rotated_keys))
         for module in model.modules():
             _MODEL_STATES[module] = state
+            if cache_rotated_keys and isinstance(getattr(module, "layer_idx", None), int) \
+                    and type(module).__name__.endswith("Attention"):
+                _hook(module)
     elif pretraining_length is not None:
         DCAConfig.create(pretraining_length, chunk_size, local_window)  # validate now, not at the first forward
 
@@ -440,7 +583,7 @@ register(
         check=_check,
         communication="none (single device)",
         options={"pretraining_length": None, "chunk_size": "3/4 pretraining_length",
-                 "local_window": "1/8 pretraining_length"},
+                 "local_window": "1/8 pretraining_length", "cache_rotated_keys": True},
     ),
     "chunkllama",
     "dual_chunk_attn",
