@@ -155,7 +155,8 @@ def dca_plan(q_start: int, q_len: int, chunk_size: int) -> List[Piece]:
     Per query chunk ``g`` (rows ``[a, b)`` of chunk ``[g s, (g+1) s)``):
 
     * intra: keys ``[g s, b)``, causal and aligned bottom-right. Split into a full block for keys ``[g s, a)`` (only
-      when the queries start mid-chunk, as with a KV cache) and a square causal block for keys ``[a, b)``;
+      when the queries start mid-chunk, as with a KV cache) and a square causal block for keys ``[a, b)``; one full
+      block when there is a single query mid-chunk (a decoding step);
     * successive: keys ``[(g-1) s, g s)``, full, when ``g >= 1``;
     * inter: keys ``[0, (g-1) s)``, full, when ``g >= 2``.
     """
@@ -164,14 +165,34 @@ def dca_plan(q_start: int, q_len: int, chunk_size: int) -> List[Piece]:
     for g in range(q_start // s, (end - 1) // s + 1):
         a, b = max(q_start, g * s), min(end, (g + 1) * s)
         rows = slice(a - q_start, b - q_start)
-        if a > g * s:
-            pieces.append(Piece(INTRA, rows, slice(g * s, a), False))
-        pieces.append(Piece(INTRA, rows, slice(a, b), True))
+        if a > g * s and b - a == 1:  # one query (a decoding step): it sees every key of its chunk, one full block
+            pieces.append(Piece(INTRA, rows, slice(g * s, b), False))
+        else:
+            if a > g * s:
+                pieces.append(Piece(INTRA, rows, slice(g * s, a), False))
+            pieces.append(Piece(INTRA, rows, slice(a, b), True))
         if g >= 1:
             pieces.append(Piece(SUCC, rows, slice((g - 1) * s, g * s), False))
         if g >= 2:
             pieces.append(Piece(INTER, rows, slice(0, (g - 1) * s), False))
     return pieces
+
+
+def _run_plan(qs, k, v, plan: List[Piece], scale: float, backend) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward of a plan: ``(out in the queries' dtype, lse float32)``."""
+    q = qs[0]
+    rows = q.shape[2]
+    if len(plan) == 1 and plan[0].q == slice(0, rows):  # one block (decoding inside the first chunk): no merge
+        p = plan[0]
+        out, lse = block_attention(qs[p.variant], k[:, :, p.kv], v[:, :, p.kv], p.causal, scale, backend)
+        return out.to(q.dtype), lse.float()
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+    for p in plan:
+        block_out, block_lse = block_attention(qs[p.variant][:, :, p.q], k[:, :, p.kv], v[:, :, p.kv], p.causal,
+                                               scale, backend)
+        merge(out[:, :, p.q], lse[:, :, p.q], block_out, block_lse)
+    return out.to(q.dtype), lse
 
 
 class DualChunkAttention(torch.autograd.Function):
@@ -183,15 +204,7 @@ class DualChunkAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_intra, q_succ, q_inter, k, v, plan: List[Piece], scale: float, backend):
-        qs = (q_intra, q_succ, q_inter)
-        out = torch.zeros(q_intra.shape, dtype=torch.float32, device=q_intra.device)
-        lse = torch.full(q_intra.shape[:3], float("-inf"), dtype=torch.float32, device=q_intra.device)
-        for p in plan:
-            block_out, block_lse = block_attention(
-                qs[p.variant][:, :, p.q], k[:, :, p.kv], v[:, :, p.kv], p.causal, scale, backend
-            )
-            merge(out[:, :, p.q], lse[:, :, p.q], block_out, block_lse)
-        out = out.to(q_intra.dtype)
+        out, lse = _run_plan((q_intra, q_succ, q_inter), k, v, plan, scale, backend)
         ctx.save_for_backward(q_intra, q_succ, q_inter, k, v, out, lse)
         ctx.args = (plan, scale, backend)
         ctx.mark_non_differentiable(lse)
@@ -233,6 +246,11 @@ def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torc
     rotated. The angles are computed in float64 (exact for any realistic shift); float16/bfloat16 vectors are rotated
     in float32 and rounded once.
     """
+    return _apply_rotation(x, *_rotation(delta, inv_freq, x))
+
+
+def _rotation(delta: torch.Tensor, inv_freq: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` ``(len(delta), rot_dim)`` of the shifts ``delta``, in the dtype ``x`` is rotated in."""
     rot_dim = 2 * inv_freq.shape[-1]
     if rot_dim > x.shape[-1]:
         raise ValueError(f"rotary dimension {rot_dim} exceeds head dimension {x.shape[-1]}")
@@ -241,8 +259,12 @@ def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torc
     angles = torch.cat((angles, angles), dim=-1)
     # Half-precision inputs are rotated in float32 and rounded once at the end.
     work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    cos, sin = angles.cos().to(work), angles.sin().to(work)
-    head = x[..., :rot_dim].to(work)
+    return angles.cos().to(work), angles.sin().to(work)
+
+
+def _apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    rot_dim = cos.shape[-1]
+    head = x[..., :rot_dim].to(cos.dtype)
     head = (head * cos + _rotate_half(head) * sin).to(x.dtype)
     return head if rot_dim == x.shape[-1] else torch.cat((head, x[..., rot_dim:]), dim=-1)
 
@@ -282,14 +304,19 @@ def dual_chunk_attention(
     device = q.device
     q_pos = torch.arange(q_start, kv_len, device=device)
     # Shifts t - p from the true position p to each DCA position t (see the table in the module docstring).
-    q_intra = rotate(q, config.intra_positions(q_pos) - q_pos, inv_freq)
-    q_succ = rotate(q, config.successive_positions(q_pos) - q_pos, inv_freq)
-    q_inter = rotate(q, config.inter_positions(q_pos) - q_pos, inv_freq)
+    # The three query shifts share one angle computation.
+    targets = (config.intra_positions(q_pos), config.successive_positions(q_pos), config.inter_positions(q_pos))
+    cos, sin = _rotation(torch.cat(targets) - q_pos.repeat(3), inv_freq, q)
+    q_intra, q_succ, q_inter = (_apply_rotation(q, cos[i * q_len:(i + 1) * q_len], sin[i * q_len:(i + 1) * q_len])
+                                for i in range(3))
     if k_dca is None:
         k_dca = rotate_keys(k, 0, inv_freq, config)
     elif k_dca.shape != k.shape:
         raise ValueError(f"k_dca has shape {tuple(k_dca.shape)}, the keys {tuple(k.shape)}")
     plan = dca_plan(q_start, q_len, config.chunk_size)
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (q_intra, k_dca, v)):
+        with torch.no_grad():  # no autograd Function: less overhead per decoding step
+            return _run_plan((q_intra, q_succ, q_inter), k_dca, v, plan, scale, backend)
     return DualChunkAttention.apply(q_intra, q_succ, q_inter, k_dca, v.contiguous(), plan, scale, backend)
 
 
