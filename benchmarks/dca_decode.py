@@ -1,6 +1,6 @@
 """Per-token decoding time of SmolLM2-135M with a KV cache: plain attention vs Dual Chunk Attention, side by side.
 
-    nice -n 10 python benchmarks/dca_decode.py                        # cache lengths 1K, 4K, 8K, 16K
+    nice -n 10 python benchmarks/dca_decode.py                        # cache lengths 2K, 4K, 8K, 16K
     python benchmarks/dca_decode.py --lengths 2048 --steps 4 --repeats 1   # a check in seconds
     python benchmarks/dca_decode.py --json benchmarks/results/dca_decode.json
 
@@ -43,7 +43,7 @@ VARIANTS = ["plain", "DCA re-rotating", "DCA"]
 
 def parse_args(argv=None):
     p = cli.Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--lengths", type=int_range(1), nargs="+", default=[1024, 4096, 8192, 16384],
+    p.add_argument("--lengths", type=int_range(1), nargs="+", default=[2048, 4096, 8192, 16384],
                    help="cached tokens before decoding")
     p.add_argument("--steps", type=int_range(1), default=8, help="timed decoding steps per run")
     p.add_argument("--warmup", type=int_range(1), default=2, help="untimed decoding steps before each run")
