@@ -19,10 +19,27 @@ document has no key in the block get ``out = 0`` and ``lse = -inf``, which :func
 
 Backends (chosen per call by :func:`select_backend`, or forced with ``EASY_CONTEXT_ATTN_BACKEND``):
 
-``torch_cpu``   ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward (any CPU, fp32/bf16/fp16).
-``torch_cuda``  ``aten._scaled_dot_product_efficient_attention`` and its backward (CUDA, any dtype).
-``flash_attn``  the ``flash_attn`` package (CUDA, fp16/bf16), when it is installed.
-``math``        plain matrix products in float32: the reference and the fallback for any other device.
+``torch_cpu``    ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward (any CPU, fp32/bf16/fp16).
+``torch_flash``  ``aten._scaled_dot_product_flash_attention`` and its backward: PyTorch's own flash kernel (CUDA,
+                 fp16/bf16, head dim <= 256 and a multiple of 8, sm80 or newer). GQA native: K/V keep ``H_kv`` heads.
+``torch_cudnn``  ``aten._scaled_dot_product_cudnn_attention`` and its backward: cuDNN attention (CUDA with cuDNN 9,
+                 fp16/bf16, head dim <= 256 and a multiple of 8), where the build has the op. GQA native. Only when
+                 forced: PyTorch itself gates it per cuDNN version and GPU.
+``torch_cuda``   ``aten._scaled_dot_product_efficient_attention`` and its backward: memory-efficient attention (CUDA,
+                 any dtype; float32 and every shape the flash kernels refuse). The op takes equal head counts, so
+                 for GQA K/V are repeated locally to ``H`` heads and their gradients summed back.
+``flash_attn``   the ``flash_attn`` package (CUDA, fp16/bf16, head dim <= 256), when it is installed. GQA native.
+``math``         plain matrix products in float32: the reference and the fallback for any other device.
+
+Automatic choice (:func:`choose_backend`): CPU -> ``torch_cpu``; CUDA fp16/bf16 with head dim <= 256 and a multiple of
+8 on sm80 or newer -> ``flash_attn`` when installed, else ``torch_flash``; any other CUDA case (float32, larger or odd
+head dims, older GPUs) -> ``torch_cuda``; any other device -> ``math``. ``EASY_CONTEXT_ATTN_BACKEND`` (or a method's
+``backend=`` option) forces one of :data:`BACKENDS`; a forced CUDA backend is checked against the dtype and head dim
+and refused with a ``ValueError`` that names the fix.
+
+All the fused kernels mask ``causal`` blocks top-left aligned, which on the square blocks used here is the only
+alignment there is. Their backward ops take philox seed/offset tensors for dropout; dropout is always 0 here, so the
+tensors are placeholders of the shapes the forward ops return.
 """
 
 from __future__ import annotations
@@ -43,12 +60,15 @@ __all__ = [
     "block_attention",
     "document_ids",
     "block_attention_backward",
+    "choose_backend",
     "merge",
     "select_backend",
     "softmax_scale",
 ]
 
-BACKENDS = ("torch_cpu", "torch_cuda", "flash_attn", "math")
+BACKENDS = ("torch_cpu", "torch_flash", "torch_cudnn", "torch_cuda", "flash_attn", "math")
+CUDA_BACKENDS = ("torch_flash", "torch_cudnn", "torch_cuda", "flash_attn")
+_HALF = (torch.float16, torch.bfloat16)
 _ENV_BACKEND = "EASY_CONTEXT_ATTN_BACKEND"
 
 
@@ -64,8 +84,37 @@ def _flash_attn_module():
     return flash_attn_interface
 
 
-def select_backend(q: torch.Tensor, backend: Optional[str] = None) -> str:
-    """Return the backend used for ``q``: ``backend`` if given, else ``$EASY_CONTEXT_ATTN_BACKEND``, else automatic."""
+def _cudnn_attention_op():
+    return getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None)
+
+
+def _flash_shape_problem(name: str, dtype: torch.dtype, head_dim: int) -> Optional[str]:
+    """Why the flash-type backend ``name`` cannot take ``dtype`` / ``head_dim``, or ``None``."""
+    if dtype not in _HALF:
+        return (f"attention backend {name!r} needs float16 or bfloat16, got {dtype}: use backend 'torch_cuda' "
+                f"(memory-efficient attention) for {dtype}, or unset {_ENV_BACKEND} to choose automatically")
+    if head_dim > 256 or head_dim % 8:
+        return (f"attention backend {name!r} needs a head dim <= 256 and a multiple of 8, got {head_dim}: use "
+                f"backend 'torch_cuda', or unset {_ENV_BACKEND} to choose automatically")
+    return None
+
+
+def _device_capability(device: torch.device) -> Optional[Tuple[int, int]]:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def choose_backend(device, dtype: torch.dtype, head_dim: int, backend: Optional[str] = None,
+                   capability: Optional[Tuple[int, int]] = None) -> str:
+    """The backend for blocks on ``device`` (a ``torch.device`` or a name such as ``"cuda"``) of ``dtype``/``head_dim``.
+
+    ``backend`` if given, else ``$EASY_CONTEXT_ATTN_BACKEND``, else automatic (see the module notes). ``capability``
+    is the CUDA compute capability; ``None`` reads it from the device when CUDA is present and otherwise assumes a
+    GPU the flash kernels support (sm80 or newer). A forced backend that cannot run the block raises ``ValueError``
+    (``ImportError`` for a missing flash-attn package).
+    """
+    device = torch.device(device)
     backend = backend or os.environ.get(_ENV_BACKEND) or None
     if backend is not None:
         if backend not in BACKENDS:
@@ -73,16 +122,32 @@ def select_backend(q: torch.Tensor, backend: Optional[str] = None) -> str:
         if backend == "flash_attn" and _flash_attn_module() is None:
             raise ImportError(
                 "attention backend 'flash_attn' needs the flash-attn package: pip install 'easy-context[cuda]' "
-                "(CUDA only), or use backend 'torch_cuda' / 'torch_cpu'"
+                "(CUDA only), or use backend 'torch_flash' / 'torch_cuda' / 'torch_cpu'"
             )
+        if backend == "torch_cudnn" and _cudnn_attention_op() is None:
+            raise ValueError(f"attention backend 'torch_cudnn' needs aten._scaled_dot_product_cudnn_attention, which "
+                             f"torch {torch.__version__} does not have: use backend 'torch_flash' or 'torch_cuda'")
+        if backend in CUDA_BACKENDS and device.type == "cpu":
+            raise ValueError(f"attention backend {backend!r} runs on CUDA tensors, got a CPU tensor: use backend "
+                             f"'torch_cpu', or unset {_ENV_BACKEND} to choose automatically")
+        if backend in ("torch_flash", "torch_cudnn", "flash_attn"):
+            problem = _flash_shape_problem(backend, dtype, head_dim)
+            if problem:
+                raise ValueError(problem)
         return backend
-    if q.device.type == "cpu":
+    if device.type == "cpu":
         return "torch_cpu"
-    if q.device.type == "cuda":
-        if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and _flash_attn_module() is not None:
-            return "flash_attn"
+    if device.type == "cuda":
+        capability = capability or _device_capability(device) or (8, 0)
+        if _flash_shape_problem("torch_flash", dtype, head_dim) is None and capability >= (8, 0):
+            return "flash_attn" if _flash_attn_module() is not None else "torch_flash"
         return "torch_cuda"
     return "math"
+
+
+def select_backend(q: torch.Tensor, backend: Optional[str] = None) -> str:
+    """The backend used for the block with queries ``q``: :func:`choose_backend` for its device, dtype and head dim."""
+    return choose_backend(q.device, q.dtype, q.shape[-1], backend)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
@@ -347,7 +412,8 @@ def _cpu_backward(dout, q, k, v, out, lse, causal, scale):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# torch_cuda: memory-efficient attention (all dtypes); K/V repeated locally for GQA
+# torch_cuda: memory-efficient attention (all dtypes); K/V repeated locally for GQA: the op's contract is equal head
+# counts (its meta kernel gives dK/dV the query's heads; SDPA passes it fewer KV heads only on some builds)
 # ----------------------------------------------------------------------------------------------------------------------
 def _cuda_forward(q, k, v, causal, scale):
     groups = q.shape[1] // k.shape[1]
@@ -368,6 +434,45 @@ def _cuda_backward(dout, q, k, v, out, lse, causal, scale):
         scale=scale,
     )
     return dq, _sum_kv(dk, groups), _sum_kv(dv, groups)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# torch_flash: PyTorch's flash kernel (FlashAttention-2). The op takes (B, H, S, D) and fewer K/V heads (GQA/MQA); its
+# LSE is (B, H, Sq) float32. Dense inputs: no cumulative sequence lengths; the max lengths are the block's.
+# ----------------------------------------------------------------------------------------------------------------------
+def _torch_flash_forward(q, k, v, causal, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+    return out, lse
+
+
+def _torch_flash_backward(dout, q, k, v, out, lse, causal, scale):
+    # The kernel reads the philox state only with dropout; these are the placeholders its forward returns without it.
+    rng_state = torch.empty((2,), dtype=torch.uint64, device=q.device)
+    unused = torch.empty((), dtype=torch.uint64, device=q.device)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), None, None, q.shape[2], k.shape[2], 0.0,
+        causal, rng_state, unused, scale=scale,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# torch_cudnn: cuDNN attention. GQA native; contiguous (B, H, S, D) inputs; the LSE is (B, H, Sq, 1) float32.
+# ----------------------------------------------------------------------------------------------------------------------
+def _torch_cudnn_forward(q, k, v, causal, scale):
+    out, lse = _cudnn_attention_op()(q.contiguous(), k.contiguous(), v.contiguous(), None, True, 0.0, causal, False,
+                                     scale=scale)[:2]
+    return out, lse.reshape(q.shape[:3])
+
+
+def _torch_cudnn_backward(dout, q, k, v, out, lse, causal, scale):
+    seed = torch.zeros((), dtype=torch.int64, device=q.device)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(),
+        lse.contiguous().unsqueeze(-1), seed, seed, None, None, None, q.shape[2], k.shape[2], 0.0, causal,
+        scale=scale,
+    )
+    return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -443,9 +548,18 @@ def _math_backward(dout, q, k, v, out, lse, causal, scale):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-_FORWARD = {"torch_cpu": _cpu_forward, "torch_cuda": _cuda_forward, "flash_attn": _flash_forward, "math": _math_forward}
+_FORWARD = {
+    "torch_cpu": _cpu_forward,
+    "torch_flash": _torch_flash_forward,
+    "torch_cudnn": _torch_cudnn_forward,
+    "torch_cuda": _cuda_forward,
+    "flash_attn": _flash_forward,
+    "math": _math_forward,
+}
 _BACKWARD = {
     "torch_cpu": _cpu_backward,
+    "torch_flash": _torch_flash_backward,
+    "torch_cudnn": _torch_cudnn_backward,
     "torch_cuda": _cuda_backward,
     "flash_attn": _flash_backward,
     "math": _math_backward,
