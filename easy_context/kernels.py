@@ -33,7 +33,8 @@ Backends (chosen per call by :func:`select_backend`, or forced with ``EASY_CONTE
 
 Automatic choice (:func:`choose_backend`): CPU -> ``torch_cpu``; CUDA fp16/bf16 with head dim <= 256 and a multiple of
 8 on sm80 or newer -> ``flash_attn`` when installed, else ``torch_flash``; any other CUDA case (float32, larger or odd
-head dims, older GPUs) -> ``torch_cuda``; any other device -> ``math``. ``EASY_CONTEXT_ATTN_BACKEND`` (or a method's
+head dims, GPUs before sm80, head dims above 192 on sm86/sm89/sm120 whose flash backward refuses them) ->
+``torch_cuda``; any other device -> ``math``. ``EASY_CONTEXT_ATTN_BACKEND`` (or a method's
 ``backend=`` option) forces one of :data:`BACKENDS`; a forced CUDA backend is checked against the dtype and head dim
 and refused with a ``ValueError`` that names the fix.
 
@@ -138,8 +139,10 @@ def choose_backend(device, dtype: torch.dtype, head_dim: int, backend: Optional[
     if device.type == "cpu":
         return "torch_cpu"
     if device.type == "cuda":
-        capability = capability or _device_capability(device) or (8, 0)
-        if _flash_shape_problem("torch_flash", dtype, head_dim) is None and capability >= (8, 0):
+        capability = tuple(capability or _device_capability(device) or (8, 0))
+        # The flash kernels' backward takes head dims above 192 only on sm80/sm90-class GPUs (not sm86, sm89, sm120).
+        small_smem = capability in ((8, 6), (8, 9), (12, 0)) and head_dim > 192
+        if _flash_shape_problem("torch_flash", dtype, head_dim) is None and capability >= (8, 0) and not small_smem:
             return "flash_attn" if _flash_attn_module() is not None else "torch_flash"
         return "torch_cuda"
     return "math"

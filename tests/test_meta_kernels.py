@@ -151,6 +151,10 @@ def test_selection_table(monkeypatch, flash_attn_installed):
         assert got == expected, f"{device} {dtype} D={head_dim}: {got}, expected {expected}"
         if device == "cuda" and head_dim == 128:  # a GPU older than sm80 gets memory-efficient attention
             assert choose_backend(device, dtype, head_dim, capability=(7, 5)) == "torch_cuda"
+        if device == "cuda" and head_dim in (128, 256):  # sm86/sm89/sm120: flash backward only up to head dim 192
+            for capability in ((8, 6), (8, 9), (12, 0)):
+                want = "torch_cuda" if head_dim == 256 else expected
+                assert choose_backend(device, dtype, head_dim, capability=capability) == want, capability
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="without CUDA the capability is not read from a device")
