@@ -1,22 +1,21 @@
 """Per-token decoding time of SmolLM2-135M with a KV cache: plain attention vs Dual Chunk Attention, side by side.
 
     nice -n 10 python benchmarks/dca_decode.py                        # cache lengths 2K, 4K, 8K, 16K
-    python benchmarks/dca_decode.py --lengths 2048 --steps 4 --repeats 1   # a check in seconds
+    python benchmarks/dca_decode.py --lengths 2048 --steps 4             # a check in seconds
     python benchmarks/dca_decode.py --json benchmarks/results/dca_decode.json
 
-For every cache length ``S`` a ``DynamicCache`` of ``S`` tokens is filled with random keys and values (the decoding
-cost depends on the cache's shape, not its contents, and a real ``S``-token prefill would take minutes per length on a
-CPU), then one token at a time is decoded with three attention implementations on the same model, alternating,
-``--repeats`` rounds:
+For every cache length ``S`` three ``DynamicCache`` objects of ``S`` tokens are filled with the same random keys and
+values (the decoding cost depends on the cache's shape, not its contents, and a real ``S``-token prefill would take
+minutes per length on a CPU), one per attention implementation of the same model:
 
 * ``plain``: transformers' ``sdpa`` attention;
 * ``DCA re-rotating``: ``dca`` with ``cache_rotated_keys=False``, which re-rotates every cached key of every layer
   at every step;
 * ``DCA``: ``dca`` as configured by default, which keeps the rotated keys per layer and rotates only the new key.
 
-Each length starts with an untimed round of the three variants. Before each timed run the cache is cropped back to
-``S`` tokens and ``--warmup`` steps are decoded untimed (the first DCA step after a crop rotates the whole cache
-once). The table gives the median time per decoded token and
+After ``--warmup`` untimed steps on each cache (DCA's first step rotates its whole cache once), ``--steps`` tokens
+are decoded one at a time, the three implementations taking turns token by token (the order rotating), so that
+other load on the machine hits all three alike. The table gives the median time per decoded token and
 the ratios to plain attention, and the bytes of the KV cache's keys and of DCA's rotated-key state at the end of a
 DCA run. With ``pretraining_length=8192`` (the default) DCA's chunk size is 6144: shorter caches are one chunk, where
 DCA computes what plain attention computes; longer ones use all three position schemes.
@@ -45,9 +44,8 @@ def parse_args(argv=None):
     p = cli.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", type=int_range(1), nargs="+", default=[2048, 4096, 8192, 16384],
                    help="cached tokens before decoding")
-    p.add_argument("--steps", type=int_range(1), default=8, help="timed decoding steps per run")
-    p.add_argument("--warmup", type=int_range(1), default=2, help="untimed decoding steps before each run")
-    p.add_argument("--repeats", type=int_range(1), default=2, help="rounds of the three variants")
+    p.add_argument("--steps", type=int_range(1), default=16, help="timed decoding steps per implementation")
+    p.add_argument("--warmup", type=int_range(1), default=3, help="untimed decoding steps first")
     p.add_argument("--pretraining-length", type=int_range(2), default=8192, help="DCA pretraining length L")
     p.add_argument("--threads", type=int_range(1), default=2, help="torch threads")
     p.add_argument("--json", type=Path, default=None, help="write one row per cache length here")
@@ -78,18 +76,11 @@ def _filled_cache(model, length: int):
 
 
 @torch.no_grad()
-def _run(model, cache, length: int, steps: int, warmup: int) -> list:
-    if cache.get_seq_length() > length:
-        cache.crop(length - cache.get_seq_length())
-    token = torch.tensor([[42]])
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        logits = model(token, past_key_values=cache, use_cache=True).logits
-        token = logits[:, -1:].argmax(-1)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
+def _step(model, cache, token):
+    """Decode one token; returns (seconds, next token)."""
+    t0 = time.perf_counter()
+    logits = model(token, past_key_values=cache, use_cache=True).logits
+    return time.perf_counter() - t0, logits[:, -1:].argmax(-1)
 
 
 def main(argv=None):
@@ -101,26 +92,25 @@ def main(argv=None):
     chunk = DCAConfig.create(args.pretraining_length).chunk_size
     rows = []
     for length in args.lengths:
-        cache = _filled_cache(model, length)
+        caches = {v: _filled_cache(model, length) for v in VARIANTS}
+        tokens = {v: torch.tensor([[42]]) for v in VARIANTS}
         times = {v: [] for v in VARIANTS}
-        state_bytes = 0
-        for variant in VARIANTS:  # an untimed round first: the first calls of each path run slower
-            _use(model, variant, args.pretraining_length)
-            _run(model, cache, length, 0, args.warmup)
-        for _ in range(args.repeats):
-            for variant in VARIANTS:
+        for step in range(args.warmup + args.steps):
+            for i in range(len(VARIANTS)):
+                variant = VARIANTS[(step + i) % len(VARIANTS)]
                 _use(model, variant, args.pretraining_length)
-                times[variant] += _run(model, cache, length, args.steps, args.warmup)
-                if variant == "DCA":
-                    state_bytes = rotated_key_bytes(cache)
+                seconds, tokens[variant] = _step(model, caches[variant], tokens[variant])
+                if step >= args.warmup:
+                    times[variant].append(seconds)
+        cache = caches["DCA"]
         key_bytes = sum(layer.keys.numel() * layer.keys.element_size() for layer in cache.layers)
         med = {v: statistics.median(t) for v, t in times.items()}
         rows.append({"cached_tokens": length, "chunk_size": chunk, "above_chunk": length > chunk,
                      "plain_ms": med["plain"] * 1e3, "dca_rerotating_ms": med["DCA re-rotating"] * 1e3,
-                     "dca_ms": med["DCA"] * 1e3, "key_bytes": key_bytes, "rotated_key_bytes": state_bytes,
-                     "steps": args.steps * args.repeats})
+                     "dca_ms": med["DCA"] * 1e3, "key_bytes": key_bytes, "rotated_key_bytes": rotated_key_bytes(cache),
+                     "steps": args.steps})
         print(f"{length}: {rows[-1]}", flush=True)
-        del cache
+        del caches, cache
     lines = ["| cached tokens | plain (ms/token) | DCA re-rotating (ms/token) | DCA (ms/token) | re-rotating / plain | "
              "DCA / plain | cached keys (MiB) | DCA rotated keys (MiB) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -132,7 +122,7 @@ def main(argv=None):
                      f"{r['rotated_key_bytes'] / 2**20:.1f} |")
     table = "\n".join(lines)
     print(f"SmolLM2-135M float32, batch 1, {args.threads} thread(s), DCA pretraining_length={args.pretraining_length} "
-          f"(chunk size s = {chunk}); medians of {args.steps * args.repeats} decoded tokens per cell\n{table}")
+          f"(chunk size s = {chunk}); medians of {args.steps} decoded tokens per cell\n{table}")
     if args.output_file:
         Path(args.output_file).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_file).write_text(table + "\n")
