@@ -459,6 +459,31 @@ def test_fast_decode_state_is_recomputed_after_crop_and_new_caches():
     assert max(errs) <= MODEL_TOL
 
 
+def test_fast_decode_with_family_name_patch():
+    """A family-name patch (no model instance at patch time) hooks each layer at its first call and keeps keys too."""
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    instance = tiny_model("llama")
+    instance.generation_config.pad_token_id = 0
+    prompt = _ids(30, seed=10)
+    slow, _ = _generate(instance, prompt, reuse=False)
+    apply_seq_parallel_monkey_patch("dca", "llama", **SMALL_CHUNKS)
+    try:
+        config = LlamaConfig(**{**instance.config.to_dict(), "attn_implementation": "sdpa"})
+        by_family = LlamaForCausalLM(config).eval()
+        by_family.load_state_dict(instance.state_dict())
+        by_family.generation_config.pad_token_id = 0
+        cache = DynamicCache(config=by_family.config)
+        with torch.no_grad():
+            fast = by_family.generate(prompt, max_new_tokens=40, do_sample=False, output_scores=True,
+                                      return_dict_in_generate=True, past_key_values=cache)
+    finally:
+        apply_seq_parallel_monkey_patch("data_parallel", "llama")
+    assert rotated_key_bytes(cache) > 0
+    assert torch.equal(fast.sequences, slow.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(fast.scores, slow.scores)) <= 1e-6
+
+
 def test_fast_decode_beam_search_matches_rerotating_path():
     """Beam search reorders the cache at every step; the rotated keys are recomputed then, so beams stay right."""
     model = tiny_model("qwen2")
