@@ -333,15 +333,15 @@ class _RotatedKeys:
     """One attention layer's DCA-rotated copy of the keys in one KV cache, grown as keys enter the cache.
 
     ``buffer[:, :, :length]`` holds the keys at positions ``0 .. length-1`` rotated to their DCA key positions;
-    ``seen`` is the cache's key tensor they were computed from. The buffer keeps a little headroom (1/16 of its
-    length plus 16 rows) so that a decoding step writes one row instead of copying the whole tensor.
+    ``seen`` is the cache's key tensor they were computed from. The first buffer is the rotated prefill itself (no
+    copy); once keys are appended it keeps a little headroom (1/16 of its length plus 16 rows) so that a decoding
+    step writes one row instead of copying the whole tensor.
     """
 
     __slots__ = ("buffer", "length", "seen", "inv_freq", "config")
 
     def __init__(self, rotated: torch.Tensor, seen: torch.Tensor, inv_freq: torch.Tensor, config: DCAConfig):
-        self.buffer = self._allocate(rotated, rotated.shape[2])
-        self.buffer[:, :, : rotated.shape[2]] = rotated
+        self.buffer = rotated
         self.length = rotated.shape[2]
         self.seen = weakref.ref(seen)
         self.inv_freq, self.config = inv_freq, config
