@@ -269,10 +269,46 @@ def _apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return head if rot_dim == x.shape[-1] else torch.cat((head, x[..., rot_dim:]), dim=-1)
 
 
+# The last few (cos, sin) tables of short position ranges: every layer of a decoding step rotates its query and its
+# new key by the same shifts, so the angles are computed once per step rather than once per layer.
+_SHORT = 64
+_TABLES: "dict" = {}
+
+
+def _shift_table(kind: str, start: int, n: int, inv_freq: torch.Tensor, config: DCAConfig,
+                 x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` of the shifts to the DCA positions of true positions ``start .. start + n - 1``: the key shifts
+    (``kind="k"``), or the intra, successive and inter query shifts one after the other (``kind="q"``, ``3 n`` rows).
+    """
+    try:
+        version = inv_freq._version
+    except RuntimeError:  # an inference-mode tensor has no version counter: no reuse
+        version, n_memo = None, 0
+    else:
+        n_memo = n
+    key = (kind, start, n, id(inv_freq), version, inv_freq.device, inv_freq.dtype, config, x.device, x.dtype)
+    memo = 0 < n_memo <= _SHORT
+    if memo:
+        hit = _TABLES.get(key)
+        if hit is not None and hit[0]() is inv_freq:
+            return hit[1]
+    pos = torch.arange(start, start + n, device=x.device)
+    if kind == "k":
+        delta = config.key_positions(pos) - pos
+    else:
+        targets = (config.intra_positions(pos), config.successive_positions(pos), config.inter_positions(pos))
+        delta = torch.cat(targets) - pos.repeat(3)
+    table = _rotation(delta, inv_freq, x)
+    if memo:
+        if len(_TABLES) >= 8:
+            _TABLES.clear()
+        _TABLES[key] = (weakref.ref(inv_freq), table)
+    return table
+
+
 def rotate_keys(k: torch.Tensor, start: int, inv_freq: torch.Tensor, config: DCAConfig) -> torch.Tensor:
     """Rotate keys ``k`` ``(B, H, S, D)`` at true positions ``start .. start + S - 1`` to their DCA key positions."""
-    pos = torch.arange(start, start + k.shape[2], device=k.device)
-    return rotate(k, config.key_positions(pos) - pos, inv_freq)
+    return _apply_rotation(k, *_shift_table("k", start, k.shape[2], inv_freq, config, k))
 
 
 def dual_chunk_attention(
@@ -301,12 +337,9 @@ def dual_chunk_attention(
         raise ValueError(f"dual_chunk_attention got {q_len} queries but only {kv_len} keys")
     scale = softmax_scale(q, scale)
     q_start = kv_len - q_len
-    device = q.device
-    q_pos = torch.arange(q_start, kv_len, device=device)
     # Shifts t - p from the true position p to each DCA position t (see the table in the module docstring).
     # The three query shifts share one angle computation.
-    targets = (config.intra_positions(q_pos), config.successive_positions(q_pos), config.inter_positions(q_pos))
-    cos, sin = _rotation(torch.cat(targets) - q_pos.repeat(3), inv_freq, q)
+    cos, sin = _shift_table("q", q_start, q_len, inv_freq, config, q)
     q_intra, q_succ, q_inter = (_apply_rotation(q, cos[i * q_len:(i + 1) * q_len], sin[i * q_len:(i + 1) * q_len])
                                 for i in range(3))
     if k_dca is None:
