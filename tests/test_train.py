@@ -168,7 +168,6 @@ def test_resume_refuses_a_new_global_batch_under_the_launcher(tmp_path, dataset,
     (["--dataset", "/nonexistent/corpus.jsonl"], "dataset path /nonexistent/corpus.jsonl does not exist"),
     (["--seq-length", "129"], "--seq-length 129 is not divisible by 2, which zigzag_ring_attn needs"),
     (["--sp-size", "2"], "--sp-size 2 does not divide the world size 1"),
-    (["--reset-position-ids"], "use --parallel-mode data_parallel, or drop --reset-position-ids"),
     (["--tiled-mlp", "0"], "--tiled-mlp: expected an integer >= 1"),
     (["--checkpointing", "none", "--offload-checkpoints"], "use --checkpointing full or remat"),
 ])
