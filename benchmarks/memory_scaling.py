@@ -57,13 +57,10 @@ largest over ranks, ``fixed_bytes``, and the breakdown); ``--output-dir`` gets `
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import queue as queue_module
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -71,7 +68,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import proc_status  # noqa: E402
+from common import proc_status, run_on_ranks  # noqa: E402
 from easy_context import cli  # noqa: E402
 from easy_context.cli import float_range, int_range  # noqa: E402
 from easy_context.training.model import tile_size_arg  # noqa: E402
@@ -288,56 +285,12 @@ def measure_rank(rank: int, world: int, seq_len: int, opts: dict) -> dict:
             "attention_bytes": rise.get("attention", 0), "seconds": seconds}
 
 
-def _worker(rank, world, port, seq_len, opts, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    import torch.distributed as dist
-
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=1800))
-        results.put((rank, True, measure_rank(rank, world, seq_len, opts)))
-    except BaseException:  # noqa: BLE001 - every failure goes back to the parent
-        results.put((rank, False, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def run_measurement(world: int, seq_len: int, opts: dict, timeout: float = 3600) -> list:
     """Every rank's measurement, from ``world`` fresh processes."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     # Allocations of 1 MiB and more go straight back to the system when freed, so the resident set of each rank
     # stays near its allocated bytes (4 ranks at 32K tokens share a 24 GB machine); the measurement does not read it.
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, seq_len, opts, results), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    out = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while len(out) < world:
-            try:
-                rank, ok, value = results.get(timeout=max(1.0, deadline - time.monotonic()))
-            except queue_module.Empty:
-                raise TimeoutError(f"P={world}, {seq_len} tokens: no result in {timeout:.0f} s") from None
-            if not ok:
-                raise RuntimeError(f"rank {rank} of {world} failed at {seq_len} tokens:\n{value}")
-            out[rank] = value
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
-    return [out[r] for r in range(world)]
+    return run_on_ranks(measure_rank, world, seq_len, opts, timeout=timeout, what=f"P={world}, {seq_len} tokens")
 
 
 def summarise(world: int, seq_len: int, ranks: list, opts: dict) -> dict:

@@ -22,21 +22,18 @@ method.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import queue as queue_module
-import socket
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common import run_on_ranks  # noqa: E402
 from easy_context import cli  # noqa: E402
 from easy_context.cli import int_range  # noqa: E402
 
@@ -117,51 +114,10 @@ def _measure(rank: int, world: int, args) -> list:
     return rows
 
 
-def _worker(rank, world, port, args, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(args.threads)
-    import torch.distributed as dist
-
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=args.timeout))
-        results.put((rank, True, _measure(rank, world, args)))
-    except BaseException:  # noqa: BLE001 - every failure goes back to the parent
-        results.put((rank, False, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def run_ranks(args) -> list:
     """Every rank's rows, from ``args.ranks`` fresh gloo processes."""
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, args.ranks, port, args, results), daemon=True)
-             for r in range(args.ranks)]
-    for p in procs:
-        p.start()
-    out, deadline = {}, time.monotonic() + args.timeout
-    try:
-        while len(out) < args.ranks:
-            try:
-                rank, ok, value = results.get(timeout=max(1.0, deadline - time.monotonic()))
-            except queue_module.Empty:
-                raise TimeoutError(f"no result from {args.ranks} ranks in {args.timeout} s") from None
-            if not ok:
-                raise RuntimeError(f"rank {rank} of {args.ranks} failed:\n{value}")
-            out[rank] = value
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
-    return [out[r] for r in range(args.ranks)]
+    return run_on_ranks(_measure, args.ranks, args, threads=args.threads, timeout=args.timeout,
+                        what=f"packed documents on {args.ranks} ranks")
 
 
 def summarise(per_rank: list, args) -> list:
