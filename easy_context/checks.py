@@ -188,9 +188,7 @@ def check_shards(method, layout, group, rank: int, world_size: int, query: torch
         raise ShardMismatch(_diagnose(method, world_size, table))
     pos = position_ids.reshape(-1, local_len).expand(batch, local_len).to(torch.int64).contiguous()
     shards = _all_gather(pos, group, world_size, query.device)
-    full = torch.empty(batch, local_len * world_size, dtype=torch.int64)
-    for r, shard in enumerate(shards):
-        full[:, layout.indices(local_len * world_size, r, world_size)] = shard
+    full = layout.unshard(shards, dim=1)
     if packing_problem(full):
         raise ShardMismatch(
             f"{method} over {world_size} ranks: the ranks' positions do not make one sequence of packed documents "
